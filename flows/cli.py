@@ -1,0 +1,54 @@
+"""`clipforge`: the command line. Each layer contributes its commands; this module only assembles them.
+
+Errors the user can fix (`UserError`) and invalid configs print one line on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from pipeline.errors import UserError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):  # one line and exit 2 for errors the user can fix, never a traceback
+        try:
+            return super().invoke(ctx)
+        except UserError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
+def cli() -> None:
+    """clipforge: from URL lists of image-caption pairs to a trained, evaluated CLIP model.
+
+    Start with `clipforge catalog build` for the bundled OpenMoji catalog, `clipforge ingest` to turn any URL list
+    into WebDataset shards, and `clipforge demo` for the whole job on the embedded defaults.
+    """
+
+
+def _register() -> None:
+    from pipeline.cli import commands as pipeline_commands
+
+    for command in pipeline_commands:
+        cli.add_command(command)
+    try:
+        from training.cli import commands as training_commands
+    except ImportError:  # the training layer is optional while it is being built
+        training_commands = []
+    for command in training_commands:
+        cli.add_command(command)
+
+
+_register()
+
+
+def main() -> None:
+    cli(prog_name="clipforge")
+
+
+if __name__ == "__main__":
+    main()

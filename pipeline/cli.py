@@ -1,0 +1,5 @@
+"""Commands of the pipeline layer: `clipforge catalog ...` and `clipforge ingest`."""
+
+import click
+
+commands: list[click.Command] = []

@@ -1,0 +1,194 @@
+"""The one module that knows how to reach storage.
+
+A location is either a local folder (the embedded default, e.g. `.clipforge/data/shards`) or `s3://bucket/prefix` on
+any S3-compatible endpoint. Endpoint, region and credentials come from `StorageConfig` or, when left empty, from the
+standard AWS variables and profiles (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+`AWS_DEFAULT_REGION`, `AWS_PROFILE`). Everything else asks this module for a filesystem, a pyarrow filesystem or the
+environment of a child process; nothing else reads those settings. Credentials are `SecretStr`, so they print as
+`**********` in configs, manifests and reports, and `redact()` scrubs them from any message before it is shown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pyarrow.fs
+from pydantic import SecretStr
+
+from pipeline.config import Config
+from pipeline.errors import UserError
+
+S3_SCHEME = "s3://"
+
+
+class StorageConfig(Config):
+    """How to reach object storage. Every field left empty falls back to the standard AWS variables and profiles."""
+
+    endpoint_url: str | None = None
+    """S3-compatible endpoint, e.g. `http://127.0.0.1:8333` for a local SeaweedFS. Empty: `AWS_ENDPOINT_URL`, else AWS."""
+
+    region: str | None = None
+    """Region of the bucket. Empty: `AWS_DEFAULT_REGION` / `AWS_REGION`, else us-east-1."""
+
+    access_key_id: SecretStr | None = None
+    """Access key id. Empty: `AWS_ACCESS_KEY_ID` or the profile. Prefer the environment to writing keys in YAML."""
+
+    secret_access_key: SecretStr | None = None
+    """Secret access key. Empty: `AWS_SECRET_ACCESS_KEY` or the profile. Never logged or saved."""
+
+    profile: str | None = None
+    """Named profile in ~/.aws/credentials. Empty: `AWS_PROFILE`, else the default chain."""
+
+
+def is_remote(location: str) -> bool:
+    return str(location).startswith(S3_SCHEME)
+
+
+def join(location: str, *parts: str) -> str:
+    """Join path parts onto a location, keeping `s3://` intact."""
+    location = str(location)
+    if is_remote(location):
+        return posixpath.join(location.rstrip("/"), *parts)
+    return str(Path(location, *parts))
+
+
+def absolute(location: str) -> str:
+    """Local folders become absolute paths (child processes may run elsewhere); s3 locations are unchanged."""
+    return location if is_remote(location) else str(Path(location).expanduser().resolve())
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value is not None else None
+
+
+def _resolved(storage: StorageConfig) -> dict[str, str | None]:
+    env = os.environ
+    return {
+        "endpoint_url": storage.endpoint_url or env.get("AWS_ENDPOINT_URL") or env.get("AWS_ENDPOINT_URL_S3"),
+        "region": storage.region or env.get("AWS_DEFAULT_REGION") or env.get("AWS_REGION"),
+        "key": _secret(storage.access_key_id),
+        "secret": _secret(storage.secret_access_key),
+        "profile": storage.profile,
+    }
+
+
+def filesystem(location: str, storage: StorageConfig | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """An fsspec filesystem for `location` and the path inside it (bucket/prefix for S3, an absolute local path)."""
+    storage = storage or StorageConfig()
+    if not is_remote(location):
+        return fsspec.filesystem("file", auto_mkdir=True), absolute(location)
+    import s3fs  # only needed for remote locations
+
+    settings = _resolved(storage)
+    fs = s3fs.S3FileSystem(
+        key=settings["key"],
+        secret=settings["secret"],
+        profile=settings["profile"],
+        endpoint_url=settings["endpoint_url"],
+        client_kwargs={"region_name": settings["region"]} if settings["region"] else {},
+        # several processes write the same prefix (img2dataset workers, Ray workers): never trust a cached listing
+        use_listings_cache=False,
+        skip_instance_cache=True,
+    )
+    return fs, str(location)[len(S3_SCHEME) :].rstrip("/")
+
+
+def pyarrow_filesystem(location: str, storage: StorageConfig | None = None) -> tuple[pyarrow.fs.FileSystem, str]:
+    """A pyarrow filesystem (for parquet, Ray Train's `storage_filesystem`) and the path inside it."""
+    storage = storage or StorageConfig()
+    if not is_remote(location):
+        return pyarrow.fs.LocalFileSystem(), absolute(location)
+    settings = _resolved(storage)
+    kwargs: dict[str, Any] = {}
+    if settings["endpoint_url"]:
+        scheme, _, host = settings["endpoint_url"].partition("://")
+        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+    if settings["key"] and settings["secret"]:
+        kwargs.update(access_key=settings["key"], secret_key=settings["secret"])
+    if settings["region"]:
+        kwargs["region"] = settings["region"]
+    # a directly constructed S3FileSystem ignores AWS_ENDPOINT_URL, hence the explicit endpoint_override above
+    fs = pyarrow.fs.S3FileSystem(**kwargs)
+    return fs, str(location)[len(S3_SCHEME) :].rstrip("/")
+
+
+def subprocess_env(storage: StorageConfig | None = None) -> dict[str, str]:
+    """Environment variables that let a child process (img2dataset, a Ray worker) reach the same storage."""
+    storage = storage or StorageConfig()
+    settings = _resolved(storage)
+    names = {
+        "endpoint_url": "AWS_ENDPOINT_URL",
+        "region": "AWS_DEFAULT_REGION",
+        "key": "AWS_ACCESS_KEY_ID",
+        "secret": "AWS_SECRET_ACCESS_KEY",
+        "profile": "AWS_PROFILE",
+    }
+    return {names[k]: v for k, v in settings.items() if v}
+
+
+def redact(text: str, storage: StorageConfig | None = None) -> str:
+    """Replace every known credential (configured or from the environment) in `text` with `***`."""
+    storage = storage or StorageConfig()
+    secrets = [_secret(storage.access_key_id), _secret(storage.secret_access_key)]
+    secrets += [os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")]
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text
+
+
+_CREDENTIAL_CODES = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "Forbidden", "403")
+
+
+def describe_storage_error(err: BaseException, location: str, storage: StorageConfig | None = None) -> str | None:
+    """A one-line, credential-free explanation of a storage failure, or None if `err` is not one we recognise."""
+    text = f"{type(err).__name__}: {err}"
+    for cause in (err.__cause__, err.__context__):
+        if cause is not None:
+            text += f" {type(cause).__name__}: {cause}"
+    endpoint = _resolved(storage or StorageConfig())["endpoint_url"] or "AWS S3"
+    if any(code in text for code in _CREDENTIAL_CODES) or isinstance(err, PermissionError):
+        return (
+            f"storage at {endpoint} refused the credentials for {location}: check storage.access_key_id / "
+            "storage.secret_access_key or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+        )
+    if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
+        return f"bucket of {location} does not exist at {endpoint}: create it first"
+    if "Could not connect" in text or "EndpointConnectionError" in text or "Connection refused" in text:
+        return f"cannot reach storage endpoint {endpoint} for {location}: is it running? (storage.endpoint_url)"
+    if isinstance(err, FileNotFoundError):
+        return f"{location} does not exist"
+    if isinstance(err, IsADirectoryError | NotADirectoryError):
+        return f"{location} is not a file"
+    return None
+
+
+@contextlib.contextmanager
+def storage_errors(location: str, storage: StorageConfig | None = None) -> Iterator[None]:
+    """Turn recognised storage failures inside the block into a one-line `UserError`."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - every storage library raises its own family
+        message = describe_storage_error(err, location, storage)
+        if message is None:
+            raise
+        raise UserError(redact(message, storage)) from None
+
+
+def check_writable(location: str, storage: StorageConfig | None = None) -> None:
+    """Write and delete a marker object at `location`; raises `UserError` with the reason if that is refused."""
+    fs, path = filesystem(location, storage)
+    marker = posixpath.join(path, ".clipforge-write-check")
+    with storage_errors(location, storage):
+        fs.makedirs(path, exist_ok=True)
+        with fs.open(marker, "wb") as f:
+            f.write(b"ok")
+        fs.rm(marker)
