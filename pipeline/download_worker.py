@@ -1,0 +1,180 @@
+"""The img2dataset child process: one bounded, classified download per URL.
+
+`pipeline.ingest` runs `main()` in a subprocess (img2dataset installs signal handlers, which only work in a main
+thread, and a subprocess can be killed as a whole). Two things img2dataset does not do are added here, by subclasses
+that img2dataset pickles into its worker processes (importing them there applies the patch):
+
+- every download has a wall-clock deadline (img2dataset's `timeout` is per socket read, so a server that drips one
+  byte a second never times out) and a size cap, and the bytes are checked before they reach the resizer: HTML
+  instead of an image, truncated files and decompression bombs (a small file declaring an enormous image) fail with a
+  reason tag, `[kind] message`, that `classify_error` maps to a counted reason;
+- every process dies with its parent (Linux `PR_SET_PDEATHSIG`), so `kill -9` of the ingest leaves no orphan still
+  writing a shard that the resumed run rewrites.
+
+The patched function follows img2dataset 1.47's `download_image` contract: `(key, BytesIO | None, error | None)`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import json
+import os
+import signal
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations (imported by img2dataset) phones home
+
+import img2dataset.downloader
+import img2dataset.logger
+from PIL import Image
+
+from pipeline.failures import Fault
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the bounded download
+
+
+@dataclass(frozen=True)
+class DownloadLimits:
+    deadline_seconds: float = 30.0
+    """Wall-clock limit for one download, however slowly the bytes arrive."""
+    max_bytes: int = 20_000_000
+    """Largest body accepted."""
+    max_pixels: int = 50_000_000
+    """Largest width x height an image may declare (decompression-bomb guard)."""
+
+
+_limits = DownloadLimits()
+
+_MAGIC = [(b"\xff\xd8\xff", "jpeg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF87a", "gif"), (b"GIF89a", "gif"),
+          (b"BM", "bmp"), (b"II*\x00", "tiff"), (b"MM\x00*", "tiff")]
+
+
+def _image_kind(body: bytes) -> str | None:
+    if body[:4] == b"RIFF" and body[8:12] == b"WEBP":
+        return "webp"
+    return next((kind for magic, kind in _MAGIC if body.startswith(magic)), None)
+
+
+def _read_bounded(response: Any, deadline: float, max_bytes: int) -> bytes:
+    chunks, size = [], 0
+    while True:
+        if time.monotonic() > deadline:
+            raise Fault("deadline_exceeded", f"download took longer than {_limits.deadline_seconds:g} s")
+        chunk = response.read1(65536)  # returns as soon as any bytes arrive, so the deadline is checked often
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > max_bytes:
+            raise Fault("too_large", f"body larger than {max_bytes} bytes")
+        chunks.append(chunk)
+
+
+def check_image_bytes(body: bytes, content_type: str = "") -> None:
+    """Reject what is not a whole image of acceptable size before any decoding. Raises `Fault`."""
+    kind = _image_kind(body)
+    if kind is None:
+        start = body[:20].decode("latin-1", "replace").strip()
+        raise Fault("not_an_image", f"content is not an image ({content_type or 'no content type'}, starts {start!r})")
+    if kind == "jpeg" and b"\xff\xd9" not in body[-1024:]:
+        raise Fault("truncated", "JPEG has no end-of-image marker")
+    if kind == "png" and b"IEND" not in body[-32:]:
+        raise Fault("truncated", "PNG has no IEND chunk")
+    try:
+        with Image.open(io.BytesIO(body)) as image:  # reads the header only
+            width, height = image.size
+    except Image.DecompressionBombError as err:
+        raise Fault("decompression_bomb", str(err).split(".")[0]) from None
+    except Exception as err:  # noqa: BLE001 - PIL raises many types for broken headers
+        raise Fault("corrupt", f"unreadable {kind} header: {err}") from None
+    if width * height > _limits.max_pixels:
+        raise Fault("decompression_bomb", f"declares {width}x{height} pixels, limit {_limits.max_pixels}")
+
+
+def download_image(row, timeout, user_agent_token, disallowed_header_directives):
+    """img2dataset's `download_image`, plus a wall-clock deadline, a size cap and a content check."""
+    key, url = row
+    deadline = time.monotonic() + _limits.deadline_seconds
+    user_agent = "Mozilla/5.0 (compatible; clipforge; +img2dataset)"
+    if user_agent_token:
+        user_agent += f" ({user_agent_token})"
+    try:
+        request = urllib.request.Request(url, data=None, headers={"User-Agent": user_agent})
+        with urllib.request.urlopen(request, timeout=min(timeout, _limits.deadline_seconds)) as response:
+            if disallowed_header_directives and img2dataset.downloader.is_disallowed(
+                response.headers, user_agent_token, disallowed_header_directives
+            ):
+                return key, None, "[robots_optout] use of image disallowed by X-Robots-Tag directive"
+            body = _read_bounded(response, deadline, _limits.max_bytes)
+            content_type = response.headers.get("Content-Type", "")
+        check_image_bytes(body, content_type)
+        return key, io.BytesIO(body), None
+    except Exception as err:  # noqa: BLE001 - every failure is one counted sample, never a crash
+        return key, None, str(err)
+
+
+img2dataset.downloader.download_image = download_image  # used by download_image_with_retry in every worker
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# processes that die with their parent
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (no-op elsewhere)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
+class BoundedDownloader(img2dataset.downloader.Downloader):
+    """img2dataset's Downloader; carries the limits into each worker process and ties it to its parent."""
+
+    limits: DownloadLimits = DownloadLimits()  # set on the class by main(), copied into each pickled instance
+    tie_to_parent: bool = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.limits = type(self).limits
+        self.tie_to_parent = type(self).tie_to_parent
+
+    def __call__(self, row):
+        global _limits
+        _limits = self.limits
+        if self.tie_to_parent:
+            die_with_parent()
+        return super().__call__(row)
+
+
+class TiedLoggerProcess(img2dataset.logger.LoggerProcess):
+    def run(self):
+        die_with_parent()
+        super().run()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# entry point
+
+
+def main() -> None:
+    """`python -c 'from pipeline.download_worker import main; main()' SPEC.json`: run img2dataset.download(**spec)."""
+    die_with_parent()
+    with open(sys.argv[1]) as f:
+        spec = json.load(f)
+    limits = DownloadLimits(**spec.pop("limits"))
+    ray_address = spec.pop("ray_address", None)
+    BoundedDownloader.limits = limits
+    if ray_address:
+        import ray
+
+        ray.init(address=ray_address, log_to_driver=False)
+        spec["distributor"] = "ray"
+        BoundedDownloader.tie_to_parent = False  # Ray workers belong to the raylet, not to us
+    i2d_main = sys.modules["img2dataset.main"]  # the package re-exports a function named `main` over the module
+    i2d_main.Downloader = BoundedDownloader
+    i2d_main.LoggerProcess = TiedLoggerProcess
+    i2d_main.download(**spec)

@@ -1,0 +1,112 @@
+"""The ingest manifest: the exact sample count of every shard, plus the run's summary.
+
+`manifest.parquet` lies beside the shards, one row per shard (`shard`, `path`, `samples`, `attempted`, `failed`,
+`bytes`), with the summary (input rows, successes, failures by reason, bytes) in the file's metadata under
+`clipforge.summary`. Training reads epoch sizes from here and never guesses.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.errors import UserError
+from pipeline.storage import StorageConfig
+
+MANIFEST_NAME = "manifest.parquet"
+_SUMMARY_KEY = b"clipforge.summary"
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    shard: int
+    """Shard number, as in the file name `00012.tar`."""
+    path: str
+    """Tar file name relative to the dataset location."""
+    samples: int
+    """Samples in the tar (the successes of this shard)."""
+    attempted: int
+    """Input rows this shard tried to download."""
+    failed: int
+    """Rows of this shard that failed (attempted - samples)."""
+    bytes: int
+    """Size of the tar file."""
+
+
+@dataclass(frozen=True)
+class IngestSummary:
+    input_rows: int
+    """Rows in the URL list as given."""
+    successes: int
+    """Samples written to shards."""
+    failures: dict[str, int] = field(default_factory=dict)
+    """Failed rows by reason (`http_404`, `timeout`, `duplicate_url`, ...)."""
+    bytes: int = 0
+    """Total size of the shards."""
+    shards: int = 0
+    """Number of shards."""
+    seconds: float = 0.0
+    """Wall-clock time of the run that completed the ingest."""
+
+    @property
+    def failed(self) -> int:
+        return sum(self.failures.values())
+
+    @property
+    def success_rate(self) -> float:
+        return self.successes / self.input_rows if self.input_rows else 0.0
+
+
+@dataclass(frozen=True)
+class Manifest:
+    location: str
+    shards: list[ShardInfo]
+    summary: IngestSummary
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    def shard_urls(self) -> list[str]:
+        """Locations of the non-empty shards, in shard order."""
+        return [storage.join(self.location, s.path) for s in self.shards if s.samples > 0]
+
+
+_SCHEMA = pa.schema(
+    [("shard", pa.int64()), ("path", pa.string()), ("samples", pa.int64()), ("attempted", pa.int64()),
+     ("failed", pa.int64()), ("bytes", pa.int64())]
+)
+
+
+def write_manifest(location: str, shards: list[ShardInfo], summary: IngestSummary,
+                   config: StorageConfig | None = None) -> str:
+    """Write `manifest.parquet` at `location` (one object put on S3; written then renamed locally)."""
+    columns = {name: [getattr(s, name) for s in shards] for name in _SCHEMA.names}
+    table = pa.table(columns, schema=_SCHEMA)
+    table = table.replace_schema_metadata({_SUMMARY_KEY: json.dumps(asdict(summary)).encode()})
+    fs, path = storage.pyarrow_filesystem(location, config)
+    target = f"{path}/{MANIFEST_NAME}"
+    if storage.is_remote(location):
+        pq.write_table(table, target, filesystem=fs)
+    else:
+        tmp = target + ".tmp"
+        pq.write_table(table, tmp, filesystem=fs)
+        fs.move(tmp, target)
+    return storage.join(location, MANIFEST_NAME)
+
+
+def read_manifest(location: str, config: StorageConfig | None = None) -> Manifest:
+    """Read the manifest of a dataset written by `clipforge ingest`."""
+    fs, path = storage.pyarrow_filesystem(location, config)
+    with storage.storage_errors(location, config):
+        try:
+            table = pq.read_table(f"{path}/{MANIFEST_NAME}", filesystem=fs)
+        except FileNotFoundError:
+            raise UserError(f"{location} has no {MANIFEST_NAME}: is it a dataset written by `clipforge ingest`?") from None
+    meta = json.loads((table.schema.metadata or {}).get(_SUMMARY_KEY, b"{}"))
+    shards = [ShardInfo(**row) for row in table.to_pylist()]
+    return Manifest(location=location, shards=shards, summary=IngestSummary(**meta))
