@@ -81,17 +81,17 @@ def check_image_bytes(body: bytes, content_type: str = "") -> None:
     if kind is None:
         start = body[:20].decode("latin-1", "replace").strip()
         raise Fault("not_an_image", f"content is not an image ({content_type or 'no content type'}, starts {start!r})")
-    if kind == "jpeg" and b"\xff\xd9" not in body[-1024:]:
-        raise Fault("truncated", "JPEG has no end-of-image marker")
-    if kind == "png" and b"IEND" not in body[-32:]:
-        raise Fault("truncated", "PNG has no IEND chunk")
     try:
-        with Image.open(io.BytesIO(body)) as image:  # reads the header only
+        with Image.open(io.BytesIO(body)) as image:  # parses the header only, decodes nothing
             width, height = image.size
     except Image.DecompressionBombError as err:
         raise Fault("decompression_bomb", str(err).split(".")[0]) from None
     except Exception as err:  # noqa: BLE001 - PIL raises many types for broken headers
         raise Fault("corrupt", f"unreadable {kind} header: {err}") from None
+    if kind == "jpeg" and b"\xff\xd9" not in body[-1024:]:
+        raise Fault("truncated", "JPEG has no end-of-image marker")
+    if kind == "png" and b"IEND" not in body[-32:]:
+        raise Fault("truncated", "PNG has no IEND chunk")
     if width * height > _limits.max_pixels:
         raise Fault("decompression_bomb", f"declares {width}x{height} pixels, limit {_limits.max_pixels}")
 

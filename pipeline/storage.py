@@ -144,6 +144,7 @@ def redact(text: str, storage: StorageConfig | None = None) -> str:
 
 
 _CREDENTIAL_CODES = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "Forbidden", "403")
+_CREDENTIAL_CODES += ("ACCESS_DENIED", "SIGNATURE_DOES_NOT_MATCH", "INVALID_ACCESS_KEY_ID")  # pyarrow spells them so
 
 
 def describe_storage_error(err: BaseException, location: str, storage: StorageConfig | None = None) -> str | None:
@@ -188,7 +189,8 @@ def check_writable(location: str, storage: StorageConfig | None = None) -> None:
     fs, path = filesystem(location, storage)
     marker = posixpath.join(path, ".clipforge-write-check")
     with storage_errors(location, storage):
-        fs.makedirs(path, exist_ok=True)
+        if not is_remote(location):  # on S3 there are no folders, and s3fs makedirs would create a missing bucket
+            fs.makedirs(path, exist_ok=True)
         with fs.open(marker, "wb") as f:
             f.write(b"ok")
         fs.rm(marker)
