@@ -72,7 +72,8 @@ def _check_build_args(output_dir: str | os.PathLike, image_size: int, val_fracti
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
-        raise UserError(f"cannot write the catalog to {output}: {err.strerror or err}; choose another --output") from None
+        reason = err.strerror or err
+        raise UserError(f"cannot write the catalog to {output}: {reason}; choose another --output") from None
     return output
 
 
@@ -118,7 +119,8 @@ def read_catalog(catalog_dir: str | os.PathLike) -> pa.Table:
     """The catalog's table: one row per image, `image` relative to `catalog_dir`."""
     path = Path(catalog_dir) / CATALOG_FILE
     if not path.is_file():
-        raise UserError(f"{catalog_dir} is not a built catalog (no {CATALOG_FILE}); run `clipforge catalog build` first")
+        raise UserError(f"{catalog_dir} is not a built catalog (no {CATALOG_FILE}); "
+                        "run `clipforge catalog build` first")
     return pq.read_table(path)
 
 
@@ -530,7 +532,8 @@ def serve_directory(directory: str | os.PathLike, host: str = "127.0.0.1", port:
     try:
         server = http.server.ThreadingHTTPServer((host, port), handler)
     except OSError as err:
-        raise UserError(f"cannot listen on {host}:{port}: {err.strerror or err}; try another --port (0: any free)") from None
+        reason = err.strerror or err
+        raise UserError(f"cannot listen on {host}:{port}: {reason}; try another --port (0: any free)") from None
     server.daemon_threads = True
     bound_host, bound_port = server.server_address[:2]
     url_host = "127.0.0.1" if bound_host in ("0.0.0.0", "") else bound_host
