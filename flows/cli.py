@@ -30,16 +30,28 @@ def cli() -> None:
     """
 
 
+@cli.command()
+@click.option("--workdir", default=".clipforge", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for the catalog, URL lists and shards (the embedded local storage).")
+@click.option("--port", default=18765, show_default=True, type=int,
+              help="Loopback port the catalog is served on while it is ingested.")
+def demo(workdir: str, port: int) -> None:
+    """The main job on embedded defaults: the bundled OpenMoji catalog, served over loopback HTTP, ingested into
+    WebDataset shards under WORKDIR. Re-running resumes or reuses finished work."""
+    from flows.demo import run_demo
+    from pipeline.cli import format_summary
+
+    result = run_demo(workdir, port=port)
+    for split, manifest in result.datasets.items():
+        click.echo(f"--- {split}")
+        click.echo(format_summary(manifest.summary, manifest.location))
+
+
 def _register() -> None:
     from pipeline.cli import commands as pipeline_commands
+    from training.cli import commands as training_commands
 
-    for command in pipeline_commands:
-        cli.add_command(command)
-    try:
-        from training.cli import commands as training_commands
-    except ImportError:  # the training layer is optional while it is being built
-        training_commands = []
-    for command in training_commands:
+    for command in [*pipeline_commands, *training_commands]:
         cli.add_command(command)
 
 

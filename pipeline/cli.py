@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from pipeline import storage
+from pipeline.catalog_cli import catalog_group
 from pipeline.cli_options import config_command
 from pipeline.ingest import IngestConfig, ingest
 from pipeline.manifest import IngestSummary
@@ -43,4 +44,4 @@ def ingest_command(config: IngestConfig) -> None:
     click.echo(f"manifest:   {storage.join(manifest.location, 'manifest.parquet')}")
 
 
-commands: list[click.Command] = [ingest_command]
+commands: list[click.Command] = [catalog_group, ingest_command]

@@ -8,20 +8,19 @@ that img2dataset pickles into its worker processes (importing them there applies
   byte a second never times out) and a size cap, and the bytes are checked before they reach the resizer: HTML
   instead of an image, truncated files and decompression bombs (a small file declaring an enormous image) fail with a
   reason tag, `[kind] message`, that `classify_error` maps to a counted reason;
-- every process dies with its parent (Linux `PR_SET_PDEATHSIG`), so `kill -9` of the ingest leaves no orphan still
-  writing a shard that the resumed run rewrites.
+- every process exits when its parent is gone, so `kill -9` of the ingest leaves no orphan still writing a shard that
+  the resumed run rewrites.
 
 The patched function follows img2dataset 1.47's `download_image` contract: `(key, BytesIO | None, error | None)`.
 """
 
 from __future__ import annotations
 
-import ctypes
 import io
 import json
 import os
-import signal
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -125,10 +124,28 @@ img2dataset.downloader.download_image = download_image  # used by download_image
 # processes that die with their parent
 
 
+_watching_parent = False
+
+
 def die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when its parent dies (no-op elsewhere)."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    """Exit this process, within half a second, once the process that started it is gone.
+
+    A polling thread rather than Linux's PR_SET_PDEATHSIG: that signal fires when the parent *thread* ends, and
+    multiprocessing's pool replaces workers from a helper thread that ends at shutdown; a worker killed then, while
+    it holds the task queue's lock, deadlocks `Pool.terminate()`.
+    """
+    global _watching_parent
+    if _watching_parent:
+        return
+    _watching_parent = True
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)  # orphaned: the ingest that wanted this work is gone, and its re-run redoes the shard
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
 
 
 class BoundedDownloader(img2dataset.downloader.Downloader):
