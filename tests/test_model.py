@@ -117,11 +117,10 @@ def test_model_info_command_lists_every_preset():
     assert "151.28M" in result.output and "87.85M" in result.output and "63.43M" in result.output
 
 
-def _random_mosaics_and_captions(image_size: int) -> tuple[torch.Tensor, list[str]]:
-    """64 distinct images (random 4 x 4 colour mosaics) and 64 distinct captions."""
+def _random_images_and_captions(image_size: int) -> tuple[torch.Tensor, list[str]]:
+    """64 distinct images (uniform noise, as normalised pixels) and 64 distinct captions."""
     generator = torch.Generator().manual_seed(0)
-    mosaics = torch.rand(64, 3, 4, 4, generator=generator) * 2 - 1  # (64, 3, 4, 4) in [-1, 1]
-    images = mosaics.repeat_interleave(image_size // 4, dim=2).repeat_interleave(image_size // 4, dim=3)
+    images = torch.rand(64, 3, image_size, image_size, generator=generator) * 2 - 1  # (64, 3, H, W) in [-1, 1]
     captions = [f"a {colour} {animal} {action} today"
                 for colour in ("red", "green", "blue", "yellow")
                 for animal in ("cat", "dog", "fox", "owl")
@@ -132,7 +131,7 @@ def _random_mosaics_and_captions(image_size: int) -> tuple[torch.Tensor, list[st
 def test_tiny_preset_overfits_64_pairs_to_perfect_retrieval():
     torch.manual_seed(0)
     model = create_model("tiny")
-    images, captions = _random_mosaics_and_captions(model.config.image_size)
+    images, captions = _random_images_and_captions(model.config.image_size)
     tokenizer = train_tokenizer(captions, vocab_size=model.config.vocab_size,
                                 context_length=model.config.context_length)
     tokens = tokenizer.encode_batch(captions)  # (64, context_length)

@@ -48,8 +48,9 @@ class _RowLogSumExp(torch.autograd.Function):
     def forward(ctx, rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, chunk_size: int) -> torch.Tensor:
         lse = torch.full((len(rows),), -torch.inf, dtype=rows.dtype, device=rows.device)  # (n,)
         for r in _tiles(len(rows), chunk_size):
+            scaled_rows = scale * rows[r]  # (br, D) scaling D columns here is cheaper than bc columns per tile
             for c in _tiles(len(cols), chunk_size):
-                logits = scale * (rows[r] @ cols[c].T)  # (br, bc)
+                logits = scaled_rows @ cols[c].T  # (br, bc)
                 lse[r] = torch.logaddexp(lse[r], torch.logsumexp(logits, dim=1))  # online merge of column tiles
         ctx.save_for_backward(rows, cols, scale, lse)
         ctx.chunk_size = chunk_size
@@ -61,8 +62,9 @@ class _RowLogSumExp(torch.autograd.Function):
         grad_rows, grad_cols = torch.zeros_like(rows), torch.zeros_like(cols)
         grad_scale = torch.zeros((), dtype=rows.dtype, device=rows.device)  # sum_ij G_ij * (rows_i . cols_j)
         for r in _tiles(len(rows), ctx.chunk_size):
+            scaled_rows = scale * rows[r]  # (br, D)
             for c in _tiles(len(cols), ctx.chunk_size):
-                weights = (scale * (rows[r] @ cols[c].T)).sub_(lse[r, None]).exp_()  # (br, bc) softmax over j
+                weights = (scaled_rows @ cols[c].T).sub_(lse[r, None]).exp_()  # (br, bc) softmax over j
                 weights.mul_(grad_lse[r, None])  # G = d loss / d logits
                 weighted_cols = weights @ cols[c]  # (br, D)
                 grad_rows[r] += weighted_cols
@@ -83,8 +85,9 @@ class _SymmetricLogSumExp(torch.autograd.Function):
         lse_rows = torch.full((len(a),), -torch.inf, dtype=a.dtype, device=a.device)  # (N,)
         lse_cols = torch.full((len(b),), -torch.inf, dtype=a.dtype, device=a.device)  # (N,)
         for r in _tiles(len(a), chunk_size):
+            scaled_a = scale * a[r]  # (br, D)
             for c in _tiles(len(b), chunk_size):
-                logits = scale * (a[r] @ b[c].T)  # (br, bc)
+                logits = scaled_a @ b[c].T  # (br, bc)
                 lse_rows[r] = torch.logaddexp(lse_rows[r], torch.logsumexp(logits, dim=1))
                 lse_cols[c] = torch.logaddexp(lse_cols[c], torch.logsumexp(logits, dim=0))
         ctx.save_for_backward(a, b, scale, lse_rows, lse_cols)
@@ -97,8 +100,9 @@ class _SymmetricLogSumExp(torch.autograd.Function):
         grad_a, grad_b = torch.zeros_like(a), torch.zeros_like(b)
         grad_scale = torch.zeros((), dtype=a.dtype, device=a.device)
         for r in _tiles(len(a), ctx.chunk_size):
+            scaled_a = scale * a[r]  # (br, D)
             for c in _tiles(len(b), ctx.chunk_size):
-                logits = scale * (a[r] @ b[c].T)  # (br, bc)
+                logits = scaled_a @ b[c].T  # (br, bc)
                 row_softmax = (logits - lse_rows[r, None]).exp_().mul_(grad_rows_lse[r, None])
                 weights = logits.sub_(lse_cols[None, c]).exp_().mul_(grad_cols_lse[None, c])  # column softmax
                 weights += row_softmax  # (br, bc) d loss / d logits
@@ -135,7 +139,7 @@ class _AllGather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         world_size, rank = dist.get_world_size(), dist.get_rank()
-        if dist.get_backend() == "nccl":  # reduce-scatter moves 1/W of the data; gloo does not implement it
+        if dist.get_backend() == "nccl":  # reduce-scatter moves 1/W of the data; all-reduce works on any backend
             shard = torch.empty(grad.shape[0] // world_size, *grad.shape[1:], dtype=grad.dtype, device=grad.device)
             dist.reduce_scatter_tensor(shard, grad.contiguous())
             return shard
@@ -159,8 +163,9 @@ def distributed_clip_loss(
     loss. `chunk_size` tiles the local rows against the gathered columns (never materialising n x N).
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return clip_loss(image_emb, text_emb, logit_scale) if chunk_size is None else \
-            chunked_clip_loss(image_emb, text_emb, logit_scale, chunk_size)
+        if chunk_size is None:
+            return clip_loss(image_emb, text_emb, logit_scale)
+        return chunked_clip_loss(image_emb, text_emb, logit_scale, chunk_size)
     image_emb, text_emb = image_emb.float(), text_emb.float()
     all_image_emb = all_gather_with_grad(image_emb)  # (N, D), N = W * n
     all_text_emb = all_gather_with_grad(text_emb)  # (N, D)
