@@ -1,6 +1,9 @@
-"""Commands of the training layer (`clipforge model-info`, later `clipforge train`)."""
+"""Commands of the training layer: `clipforge model-info` and `clipforge train`."""
 
 import click
+
+from pipeline.cli_options import config_command
+from training.train import TrainConfig
 
 commands: list[click.Command] = []
 
@@ -22,3 +25,31 @@ def model_info(preset: str) -> None:
 
 
 commands.append(model_info)
+
+
+@config_command(
+    TrainConfig,
+    "train",
+    help="""Train a CLIP model on shards written by `clipforge ingest`, on Ray Train (local on demand, or a cluster).
+
+    \b
+    Examples:
+      clipforge train --data .clipforge/data/openmoji-train --preset small --epochs 10
+      clipforge train --data s3://bucket/shards --output s3://bucket/runs/a --num-workers 4 --ray-address HEAD:6379
+      clipforge train --data new-shards --init-from .clipforge/runs/clip/model --lr 1e-4 --steps 200   (fine-tune)
+
+    Writes checkpoints (every --checkpoint-every steps, atomically) under OUTPUT/ray, the final model to OUTPUT/model,
+    metrics to OUTPUT/metrics.jsonl and OUTPUT/tensorboard. A killed run resumes when the same command is re-run.""",
+    required=("data",),
+)
+def train(config: TrainConfig) -> None:
+    from training.ray_job import run_training
+
+    result = run_training(config)
+    metrics = result.metrics
+    click.echo(f"model:   {result.model}")
+    click.echo(f"steps:   {metrics['steps']} ({metrics['steps_per_epoch']} per epoch), run {result.run_name}")
+    click.echo(f"loss:    {metrics.get('loss', float('nan')):.4f}   temperature: {metrics.get('temperature', float('nan')):.4f}")
+
+
+commands.append(train)

@@ -1,0 +1,208 @@
+"""The Ray Train wrapper: the same `train_loop` on N workers, with checkpoints and failure recovery on storage.
+
+`run_training(config)` prepares what every worker needs (the dataset manifest, a tokenizer trained on its captions
+or taken from the parent checkpoint), starts a local Ray on demand or joins `config.ray_address`, runs a
+`TorchTrainer` (DDP with gloo on CPU, NCCL on GPU), then exports the final model to `<output>/model` and the
+metrics to `<output>/metrics.jsonl` and `<output>/tensorboard`. Lines that touch Ray are marked `# ray`.
+
+Re-running the same command resumes the run (`RunConfig(name=...)` is derived from the settings that shape the
+model), so a killed job, or a job that already finished, is continued or reused rather than started over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline import storage
+from pipeline.errors import UserError
+from pipeline.manifest import Manifest, read_manifest
+from training.checkpoint import MODEL_CONFIG_FILE, MODEL_FILE, STATE_FILE, open_checkpoint, upload_checkpoint
+from training.data import read_captions, steps_per_epoch
+from training.model import MODEL_PRESETS
+from training.tokenizer import Tokenizer, train_tokenizer
+from training.train import TrainConfig, default_tokenizer_vocab, total_steps, train_loop
+
+# settings that do not change what is trained: a re-run that changes only these resumes the same run
+_OPERATIONAL = {"ray_address", "max_failures", "run_name", "log_every", "loader_workers", "cpus_per_worker",
+                "storage", "record_sample_keys", "output"}
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    model: str
+    """Location of the exported model (weights, model config, tokenizer)."""
+    metrics: dict[str, Any]
+    """The last reported metrics."""
+    run_name: str
+    steps: int
+
+
+def run_name(config: TrainConfig) -> str:
+    if config.run_name:
+        return config.run_name
+    shaping = config.model_dump(mode="json", exclude=_OPERATIONAL)
+    return "clip-" + hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _worker_config(config: TrainConfig) -> dict[str, Any]:
+    """The config as the workers get it: credentials travel in the workers' environment, never in the config."""
+    return config.model_dump(mode="json", exclude={"storage": {"access_key_id", "secret_access_key"}})
+
+
+def _threads(config: TrainConfig) -> int:
+    return config.cpus_per_worker or max(1, (os.cpu_count() or 1) // config.num_workers)
+
+
+def _train_worker(loop_config: dict[str, Any]) -> None:
+    """Runs in every Ray Train worker process."""
+    import ray.train  # ray
+    import ray.train.torch  # ray
+
+    config = TrainConfig.model_validate(loop_config["config"])  # re-validated on the worker
+    torch.set_num_threads(loop_config["threads"])
+    context = ray.train.get_context()  # ray
+
+    def report(metrics: dict[str, Any], directory: Path | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(str(directory)) if directory else None  # ray
+        ray.train.report(metrics, checkpoint=checkpoint,  # ray
+                         checkpoint_dir_name=f"step_{metrics['step']:08d}" if directory else None)
+
+    with contextlib.ExitStack() as stack:
+        tokenizer_dir = stack.enter_context(open_checkpoint(loop_config["tokenizer"], config.storage))
+        if config.init_from:
+            parent = stack.enter_context(open_checkpoint(config.init_from, config.storage))
+            config = config.model_copy(update={"init_from": str(parent)})
+        checkpoint = ray.train.get_checkpoint()  # ray: set when Ray restarts the run after a failure
+        resume = Path(stack.enter_context(checkpoint.as_directory())) if checkpoint else None
+        multi = context.get_world_size() > 1
+        train_loop(config, tokenizer_dir, report, resume_from=resume, device=ray.train.torch.get_device(),  # ray
+                   prepare_model=ray.train.torch.prepare_model if multi else None)  # ray: DDP
+
+
+def prepare_tokenizer(config: TrainConfig, manifest: Manifest) -> str:
+    """The run's tokenizer at `<output>/tokenizer`: the parent's when fine-tuning, else trained on the captions."""
+    location = storage.join(storage.absolute(config.output), "tokenizer")
+    fs, path = storage.filesystem(location, config.storage)
+    with storage.storage_errors(location, config.storage):
+        if fs.exists(f"{path}/tokenizer.json"):
+            return location
+    with tempfile.TemporaryDirectory(prefix="clipforge-tokenizer-") as scratch:
+        if config.init_from:
+            with open_checkpoint(config.init_from, config.storage) as parent:
+                tokenizer = Tokenizer.load(parent)
+        else:
+            context_length = MODEL_PRESETS[config.preset].context_length
+            tokenizer = train_tokenizer(read_captions(manifest, config=config.storage),
+                                        vocab_size=default_tokenizer_vocab(config), context_length=context_length)
+        tokenizer.save(scratch)
+        upload_checkpoint(Path(scratch), location, config.storage)
+    return location
+
+
+def validate(config: TrainConfig) -> Manifest:
+    """Fail fast, with one line, on what would otherwise fail inside a Ray worker."""
+    if config.preset not in MODEL_PRESETS and not config.init_from:
+        raise UserError(f"unknown preset {config.preset!r}; choose one of {', '.join(MODEL_PRESETS)}")
+    manifest = read_manifest(config.data, config.storage)
+    if config.batch_size % (config.num_workers * config.accum_steps):
+        raise UserError(f"batch_size {config.batch_size} must divide by num_workers x accum_steps "
+                        f"({config.num_workers} x {config.accum_steps})")
+    try:
+        steps_per_epoch(manifest, config.batch_size)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    storage.check_writable(storage.absolute(config.output), config.storage)
+    return manifest
+
+
+def _ray_storage(config: TrainConfig) -> dict[str, Any]:
+    location = storage.join(storage.absolute(config.output), "ray")
+    if not storage.is_remote(location):
+        return {"storage_path": location}
+    filesystem, path = storage.pyarrow_filesystem(location, config.storage)
+    return {"storage_path": path, "storage_filesystem": filesystem}
+
+
+def export_model(checkpoint_dir: Path, config: TrainConfig) -> str:
+    """Copy the weights, model config, tokenizer, state and metrics (not the optimizer) to `<output>/model`."""
+    location = storage.join(storage.absolute(config.output), "model")
+    with tempfile.TemporaryDirectory(prefix="clipforge-export-") as scratch:
+        for name in (MODEL_FILE, MODEL_CONFIG_FILE, "tokenizer.json", "metrics.jsonl", STATE_FILE):
+            if (checkpoint_dir / name).exists():
+                shutil.copy(checkpoint_dir / name, Path(scratch) / name)
+        upload_checkpoint(Path(scratch), location, config.storage)
+    return location
+
+
+def write_logs(checkpoint_dir: Path, config: TrainConfig) -> None:
+    """metrics.jsonl and TensorBoard event files beside the model."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    history = [json.loads(line) for line in (checkpoint_dir / "metrics.jsonl").read_text().splitlines() if line]
+    with tempfile.TemporaryDirectory(prefix="clipforge-logs-") as scratch:
+        shutil.copy(checkpoint_dir / "metrics.jsonl", Path(scratch) / "metrics.jsonl")
+        writer = SummaryWriter(str(Path(scratch) / "tensorboard"))
+        for record in history:
+            for key, value in record.items():
+                if key not in ("step", "epoch") and isinstance(value, int | float):
+                    writer.add_scalar(f"train/{key}", value, record["step"])
+        writer.close()
+        target = storage.absolute(config.output)
+        fs, path = storage.filesystem(target, config.storage)
+        with storage.storage_errors(target, config.storage):
+            fs.put(str(Path(scratch)) + "/", path, recursive=True)
+
+
+def run_training(config: TrainConfig) -> TrainResult:
+    """Train on Ray (local on demand, or the cluster at `config.ray_address`); returns the exported model."""
+    import ray  # ray
+    import ray.train  # ray
+    from ray.train.torch import TorchTrainer  # ray
+
+    manifest = validate(config)
+    tokenizer = prepare_tokenizer(config, manifest)
+    name = run_name(config)
+    worker_env = storage.subprocess_env(config.storage)
+    if not ray.is_initialized():  # ray: join the cluster, or start a local one on demand
+        ray.init(address=config.ray_address, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": worker_env} if worker_env else None)
+    trainer = TorchTrainer(  # ray
+        _train_worker,
+        train_loop_config={"config": _worker_config(config), "tokenizer": tokenizer, "threads": _threads(config)},
+        scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,  # ray
+                                               resources_per_worker={"CPU": _threads(config)}),
+        run_config=ray.train.RunConfig(  # ray
+            name=name,
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),  # ray
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=3),  # ray
+            worker_runtime_env={"env_vars": worker_env} if worker_env else None,
+            **_ray_storage(config),
+        ),
+    )
+    try:
+        result = trainer.fit()  # ray
+    except Exception as err:  # noqa: BLE001 - Ray wraps worker errors; show the root cause in one line
+        cause = err
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        raise UserError(f"training failed: {type(cause).__name__}: {storage.redact(str(cause)).splitlines()[0]}") from err
+    if result.checkpoint is None:
+        raise UserError("training ended without a checkpoint")
+    with result.checkpoint.as_directory() as directory:  # ray
+        directory = Path(directory)
+        model_location = export_model(directory, config)
+        write_logs(directory, config)
+        state = json.loads((directory / STATE_FILE).read_text())
+    epoch_steps = steps_per_epoch(manifest, config.batch_size)
+    metrics = {**result.metrics, "steps": state["step"], "steps_per_epoch": epoch_steps}
+    return TrainResult(model=model_location, metrics=metrics, run_name=name, steps=total_steps(config, epoch_steps))

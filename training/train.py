@@ -1,0 +1,346 @@
+"""The training loop: a plain function that runs in one process (tests) or in each Ray Train worker.
+
+`train_loop(config, ...)` never imports Ray. It gets its rank and world size from `torch.distributed` (when a
+process group is initialised, DDP is applied from outside the model), a `report(metrics, checkpoint_dir)` callable to
+hand metrics and checkpoints to whoever runs it, and optionally a checkpoint directory to resume from.
+
+One step, in order: fetch the local batch; (accumulation) split it into micro-batches and cache their embeddings
+without gradients, compute the loss of the whole contrastive batch on the cached embeddings, then re-run each
+micro-batch with gradients and feed it the cached embedding gradients (GradCache: k micro-batches give exactly the
+loss and gradients of one batch k times larger); clip gradients; AdamW step; clamp the temperature; log; checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from pydantic import Field
+from tqdm import tqdm
+
+from pipeline.config import Config
+from pipeline.manifest import read_manifest
+from pipeline.storage import StorageConfig
+from training.checkpoint import load_optimizer_state, load_weights, read_state, save_checkpoint
+from training.data import make_loader, steps_per_epoch
+from training.loss import distributed_clip_loss
+from training.model import CLIP, MODEL_PRESETS, create_model
+from training.tokenizer import Tokenizer
+
+Report = Callable[[dict[str, Any], Path | None], None]
+
+
+class TrainConfig(Config):
+    """One training run: data, model preset, optimisation, checkpointing and scale-out."""
+
+    data: str
+    """Dataset location written by `clipforge ingest` (folder or s3://...); epoch sizes come from its manifest."""
+
+    output: str = ".clipforge/runs/clip"
+    """Where the run writes checkpoints, metrics and the final model: a folder or s3://bucket/prefix."""
+
+    preset: str = "small"
+    """Model preset: tiny (tests), small (CPU demo), vit-b-32, vit-b-16, vit-l-14."""
+
+    init_from: str | None = None
+    """Fine-tune: start from this checkpoint (its weights, model shape and tokenizer), with this run's own schedule."""
+
+    epochs: int = Field(10, gt=0)
+    """Passes over the data (ignored when `steps` is set)."""
+
+    steps: int | None = Field(None, gt=0)
+    """Total optimiser steps. Empty: epochs x steps per epoch."""
+
+    batch_size: int = Field(128, gt=0)
+    """Global contrastive batch: pairs compared with each other in one step, over all workers and micro-batches."""
+
+    accum_steps: int = Field(1, gt=0)
+    """Micro-batches per step. The contrastive batch stays whole (feature caching), only memory shrinks."""
+
+    lr: float = Field(5e-4, gt=0)
+    """Peak learning rate, reached after warm-up, then cosine decay to zero."""
+
+    warmup_steps: int = Field(50, ge=0)
+    """Steps of linear learning-rate warm-up."""
+
+    weight_decay: float = Field(0.2, ge=0)
+    """AdamW weight decay, on weight matrices only (not norms, biases, embeddings or the temperature)."""
+
+    betas: tuple[float, float] = (0.9, 0.98)
+    """AdamW betas (CLIP's 0.98 for stability with large batches)."""
+
+    eps: float = 1e-6
+    """AdamW epsilon."""
+
+    grad_clip: float | None = Field(1.0, gt=0)
+    """Clip the global gradient norm to this. Empty: no clipping."""
+
+    precision: Literal["bf16", "fp32"] = "bf16"
+    """bf16 autocast for the towers (CPU AMX or GPU); the loss and the temperature stay fp32."""
+
+    loss_chunk_size: int | None = Field(None, gt=0)
+    """Tile the contrastive loss in blocks of this many rows (memory linear in the batch). Empty: dense."""
+
+    seed: int = 0
+    """Seed of the initial weights, the epoch shuffles and the augmentations."""
+
+    checkpoint_every: int = Field(100, gt=0)
+    """Steps between checkpoints (a checkpoint is also written at the end)."""
+
+    log_every: int = Field(10, gt=0)
+    """Steps between metric records."""
+
+    loader_workers: int = Field(2, ge=0)
+    """Data-loading processes per training worker."""
+
+    shuffle_buffer: int = Field(1000, gt=0)
+    """Samples in each loader worker's shuffle buffer."""
+
+    crop_scale_min: float = Field(0.8, gt=0, le=1)
+    """Random resized crop keeps between this share of the image area and all of it."""
+
+    tokenizer_vocab_size: int | None = Field(None, ge=260)
+    """Vocabulary of the BPE tokenizer trained on the captions. Empty: the preset's vocab_size."""
+
+    num_workers: int = Field(1, gt=0)
+    """Ray Train workers (processes, possibly on several nodes); the global batch is split between them."""
+
+    cpus_per_worker: int | None = Field(None, gt=0)
+    """CPUs (and torch threads) per worker. Empty: this machine's CPUs divided by num_workers."""
+
+    use_gpu: bool = False
+    """One GPU per worker (NCCL); otherwise CPU with gloo."""
+
+    ray_address: str | None = None
+    """Ray cluster to join (e.g. 10.0.0.5:6379). Empty: a local Ray started on demand."""
+
+    max_failures: int = Field(2, ge=0)
+    """Worker failures Ray Train recovers from (restarting from the last checkpoint) before giving up."""
+
+    run_name: str | None = None
+    """Name of the Ray Train run; re-running with the same name resumes it. Empty: derived from output."""
+
+    record_sample_keys: bool = False
+    """Write the sample keys of every step to sample_keys.jsonl in each checkpoint (audits, tests)."""
+
+    storage: StorageConfig = StorageConfig()
+    """How to reach object storage for s3:// locations."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# optimisation
+
+
+def parameter_groups(model: CLIP, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on weight matrices; none on norms, biases, embeddings and the temperature."""
+    no_decay_names = ("embedding", "class_token", "log_logit_scale")
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.ndim < 2 or any(n in name for n in no_decay_names):
+            no_decay.append(parameter)
+        else:
+            decay.append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def learning_rate(step: int, total_steps: int, peak: float, warmup: int) -> float:
+    """Linear warm-up to `peak`, then cosine decay to zero at `total_steps`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _autocast(config: TrainConfig, device: torch.device):
+    if config.precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def contrastive_step(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor, config: TrainConfig,
+                     device: torch.device) -> torch.Tensor:
+    """Forward and backward of one step's contrastive loss; gradients are left in the parameters. Returns the loss."""
+    k = config.accum_steps
+    if k == 1:
+        with _autocast(config, device):
+            image_emb, text_emb, logit_scale = model(images, tokens)
+        loss = distributed_clip_loss(image_emb, text_emb, logit_scale, config.loss_chunk_size)
+        loss.backward()
+        return loss.detach()
+
+    # GradCache: 1) embeddings of every micro-batch without a graph
+    image_chunks, token_chunks = images.chunk(k), tokens.chunk(k)
+    with torch.no_grad(), _autocast(config, device):
+        cached = [model(i, t) for i, t in zip(image_chunks, token_chunks)]
+    image_emb = torch.cat([c[0] for c in cached]).float().requires_grad_()
+    text_emb = torch.cat([c[1] for c in cached]).float().requires_grad_()
+    logit_scale = cached[0][2].detach().float().requires_grad_()
+    # 2) the loss of the whole contrastive batch, and its gradients with respect to the embeddings
+    loss = distributed_clip_loss(image_emb, text_emb, logit_scale, config.loss_chunk_size)
+    loss.backward()
+    image_grads, text_grads = image_emb.grad.chunk(k), text_emb.grad.chunk(k)
+    # 3) each micro-batch again, with a graph, fed its cached gradients (DDP syncs only on the last one)
+    for j, (image_chunk, token_chunk) in enumerate(zip(image_chunks, token_chunks)):
+        last = j == k - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with _autocast(config, device):
+                chunk_image_emb, chunk_text_emb, chunk_scale = model(image_chunk, token_chunk)
+            scale_grad = logit_scale.grad if last else torch.zeros_like(logit_scale)
+            torch.autograd.backward([chunk_image_emb, chunk_text_emb, chunk_scale],
+                                    [image_grads[j].to(chunk_image_emb.dtype), text_grads[j].to(chunk_text_emb.dtype),
+                                     scale_grad.to(chunk_scale.dtype)])
+    return loss.detach()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the loop
+
+
+def _distributed() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def total_steps(config: TrainConfig, epoch_steps: int) -> int:
+    return config.steps or config.epochs * epoch_steps
+
+
+def train_loop(config: TrainConfig, tokenizer_path: str | Path, report: Report, resume_from: Path | None = None,
+               device: str | torch.device = "cpu", prepare_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+               progress: bool = True) -> dict[str, Any]:
+    """Train until `total_steps`; returns the last metrics. `prepare_model` wraps the model (DDP) from outside."""
+    device = torch.device(device)
+    rank, world_size = _distributed()
+    if config.batch_size % (world_size * config.accum_steps):
+        raise ValueError(f"batch_size {config.batch_size} must divide by num_workers x accum_steps "
+                         f"({world_size} x {config.accum_steps})")
+    local_batch = config.batch_size // world_size
+    manifest = read_manifest(config.data, config.storage)
+    epoch_steps = steps_per_epoch(manifest, config.batch_size)
+    last_step = total_steps(config, epoch_steps)
+    tokenizer = Tokenizer.load(tokenizer_path)
+
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
+    if config.init_from is not None:
+        model, _ = load_weights(config.init_from)  # a local copy of the parent checkpoint, see ray_job
+    else:
+        model = create_model(config.preset)
+    model = model.to(device)
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr, betas=config.betas,
+                                  eps=config.eps)
+    step, history = 0, []
+    if resume_from is not None:
+        resumed, _ = load_weights(resume_from)
+        model.load_state_dict(resumed.state_dict())
+        load_optimizer_state(resume_from, optimizer)
+        state = read_state(resume_from)
+        step = state["step"]
+        torch.set_rng_state(torch.tensor(state["rng"]["torch"], dtype=torch.uint8))
+        random.setstate((state["rng"]["python"][0], tuple(state["rng"]["python"][1]), state["rng"]["python"][2]))
+        if (resume_from / "metrics.jsonl").exists():
+            history = [json.loads(line) for line in (resume_from / "metrics.jsonl").read_text().splitlines()]
+    clip: CLIP = model
+    trained = prepare_model(model) if prepare_model else model
+    image_size = clip.config.image_size
+
+    keys_log: list[dict] = []
+    bar = tqdm(total=last_step, initial=step, desc="train", unit="step", disable=not (progress and rank == 0),
+               dynamic_ncols=True)
+    metrics: dict[str, Any] = {}
+    window = {"samples": 0, "seconds": 0.0, "waiting": 0.0, "loss": 0.0, "steps": 0, "skipped": 0}
+    while step < last_step:
+        epoch, start_step = divmod(step, epoch_steps)
+        loader = make_loader(manifest, tokenizer_path=tokenizer_path, seed=config.seed, epoch=epoch, rank=rank,
+                             world_size=world_size, local_batch=local_batch, image_size=image_size,
+                             loader_workers=config.loader_workers, start_step=start_step,
+                             shuffle_buffer=config.shuffle_buffer, crop_scale=(config.crop_scale_min, 1.0),
+                             storage_config=config.storage)
+        batches = iter(loader)
+        for _ in range(start_step, epoch_steps):
+            if step >= last_step:
+                break
+            tick = time.perf_counter()
+            batch = next(batches)
+            waited = time.perf_counter() - tick
+            lr = learning_rate(step, last_step, config.lr, config.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            loss = contrastive_step(trained, batch["images"].to(device), batch["tokens"].to(device), config, device)
+            if config.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(clip.parameters(), config.grad_clip)
+            optimizer.step()
+            clip.clamp_logit_scale()
+            step += 1
+            elapsed = time.perf_counter() - tick
+            if config.record_sample_keys:
+                keys_log.append({"step": step, "epoch": epoch, "rank": rank, "keys": batch["keys"]})
+            window.update(samples=window["samples"] + config.batch_size, seconds=window["seconds"] + elapsed,
+                          waiting=window["waiting"] + waited, loss=window["loss"] + loss.item(),
+                          steps=window["steps"] + 1, skipped=window["skipped"] + batch["skipped"])
+            bar.update(1)
+            if step % config.log_every == 0 or step == last_step:
+                metrics = {
+                    "step": step, "epoch": epoch, "loss": window["loss"] / window["steps"], "lr": lr,
+                    "logit_scale": clip.logit_scale().item(), "temperature": 1 / clip.logit_scale().item(),
+                    "samples_per_second": window["samples"] / window["seconds"],
+                    "data_wait_share": window["waiting"] / window["seconds"], "skipped_samples": window["skipped"],
+                }
+                history.append(metrics)
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{lr:.1e}", T=f"{metrics['temperature']:.3f}",
+                                sps=f"{metrics['samples_per_second']:.0f}", wait=f"{metrics['data_wait_share']:.0%}")
+                window = dict.fromkeys(window, 0)
+                window["seconds"] = 0.0
+            if step % config.checkpoint_every == 0 or step == last_step:
+                _checkpoint(config, clip, tokenizer, optimizer, step, epoch_steps, history, keys_log, rank, report)
+                keys_log = []
+    bar.close()
+    return metrics
+
+
+def _checkpoint(config: TrainConfig, model: CLIP, tokenizer: Tokenizer, optimizer: torch.optim.Optimizer,
+                step: int, epoch_steps: int, history: list[dict], keys_log: list[dict], rank: int,
+                report: Report) -> None:
+    """Every rank reports (Ray Train needs all of them); rank 0 attaches the checkpoint directory."""
+    if config.record_sample_keys and dist.is_available() and dist.is_initialized():
+        gathered: list[list[dict]] = [None] * dist.get_world_size()  # type: ignore[list-item]
+        dist.all_gather_object(gathered, keys_log)
+        keys_log = [entry for per_rank in gathered for entry in per_rank]
+    metrics = {**(history[-1] if history else {}), "step": step}
+    if rank != 0:
+        report(metrics, None)
+        return
+    epoch, step_in_epoch = divmod(step, epoch_steps)
+    python_state = random.getstate()
+    state = {
+        "step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "samples_seen": step * config.batch_size,
+        "rng": {"torch": torch.get_rng_state().tolist(), "python": [python_state[0], list(python_state[1]),
+                                                                      python_state[2]]},
+        "config": config.model_dump(mode="json"),
+    }
+    with tempfile.TemporaryDirectory(prefix="clipforge-ckpt-") as scratch:
+        directory = save_checkpoint(Path(scratch) / f"step_{step:08d}", model, tokenizer, optimizer, state)
+        (directory / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in history))
+        if config.record_sample_keys:
+            (directory / "sample_keys.jsonl").write_text("".join(json.dumps(k) + "\n" for k in keys_log))
+        report(metrics, directory)
+
+
+def default_tokenizer_vocab(config: TrainConfig) -> int:
+    return config.tokenizer_vocab_size or MODEL_PRESETS[config.preset].vocab_size
+
+
+def copy_tree(source: Path, target: Path) -> None:
+    shutil.copytree(source, target, dirs_exist_ok=True)
