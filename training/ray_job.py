@@ -77,6 +77,7 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
         ray.train.report(metrics, checkpoint=checkpoint,  # ray
                          checkpoint_dir_name=f"step_{metrics['step']:08d}" if directory else None)
 
+    _record_worker(config, context)
     with contextlib.ExitStack() as stack:
         tokenizer_dir = stack.enter_context(open_checkpoint(loop_config["tokenizer"], config.storage))
         if config.init_from:
@@ -87,6 +88,17 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
         multi = context.get_world_size() > 1
         train_loop(config, tokenizer_dir, report, resume_from=resume, device=ray.train.torch.get_device(),  # ray
                    prepare_model=ray.train.torch.prepare_model if multi else None)  # ray: DDP
+
+
+def _record_worker(config: TrainConfig, context: Any) -> None:
+    """Leave `<output>/workers/rank<R>-pid<P>.json`: which node and process ran each rank (a restart adds files)."""
+    import ray  # ray
+
+    record = {"rank": context.get_world_rank(), "world_size": context.get_world_size(), "pid": os.getpid(),
+              "node_id": ray.get_runtime_context().get_node_id(), "hostname": os.uname().nodename}  # ray
+    location = storage.join(storage.absolute(config.output), "workers")
+    fs, path = storage.filesystem(location, config.storage)
+    fs.pipe_file(f"{path}/rank{record['rank']}-pid{record['pid']}.json", json.dumps(record).encode())
 
 
 def prepare_tokenizer(config: TrainConfig, manifest: Manifest) -> str:

@@ -16,7 +16,6 @@ import contextlib
 import json
 import math
 import random
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -240,7 +239,7 @@ def train_loop(config: TrainConfig, tokenizer_path: str | Path, report: Report, 
     model = model.to(device)
     optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr, betas=config.betas,
                                   eps=config.eps)
-    step, history = 0, []
+    step, history, keys_log = 0, [], []
     if resume_from is not None:
         resumed, _ = load_weights(resume_from)
         model.load_state_dict(resumed.state_dict())
@@ -249,13 +248,12 @@ def train_loop(config: TrainConfig, tokenizer_path: str | Path, report: Report, 
         step = state["step"]
         torch.set_rng_state(torch.tensor(state["rng"]["torch"], dtype=torch.uint8))
         random.setstate((state["rng"]["python"][0], tuple(state["rng"]["python"][1]), state["rng"]["python"][2]))
-        if (resume_from / "metrics.jsonl").exists():
-            history = [json.loads(line) for line in (resume_from / "metrics.jsonl").read_text().splitlines()]
+        history = _read_jsonl(resume_from / "metrics.jsonl")
+        keys_log = _read_jsonl(resume_from / "sample_keys.jsonl") if config.record_sample_keys else []
     clip: CLIP = model
     trained = prepare_model(model) if prepare_model else model
     image_size = clip.config.image_size
 
-    keys_log: list[dict] = []
     bar = tqdm(total=last_step, initial=step, desc="train", unit="step", disable=not (progress and rank == 0),
                dynamic_ncols=True)
     metrics: dict[str, Any] = {}
@@ -305,7 +303,6 @@ def train_loop(config: TrainConfig, tokenizer_path: str | Path, report: Report, 
                 window["seconds"] = 0.0
             if step % config.checkpoint_every == 0 or step == last_step:
                 _checkpoint(config, clip, tokenizer, optimizer, step, epoch_steps, history, keys_log, rank, report)
-                keys_log = []
     bar.close()
     return metrics
 
@@ -317,7 +314,9 @@ def _checkpoint(config: TrainConfig, model: CLIP, tokenizer: Tokenizer, optimize
     if config.record_sample_keys and dist.is_available() and dist.is_initialized():
         gathered: list[list[dict]] = [None] * dist.get_world_size()  # type: ignore[list-item]
         dist.all_gather_object(gathered, keys_log)
-        keys_log = [entry for per_rank in gathered for entry in per_rank]
+        # every rank logs its own keys; after a resume rank 0 also holds the others' earlier ones: keep each once
+        unique = {(e["step"], e["rank"]): e for per_rank in gathered for e in per_rank}
+        keys_log = sorted(unique.values(), key=lambda e: (e["step"], e["rank"]))
     metrics = {**(history[-1] if history else {}), "step": step}
     if rank != 0:
         report(metrics, None)
@@ -338,9 +337,11 @@ def _checkpoint(config: TrainConfig, model: CLIP, tokenizer: Tokenizer, optimize
         report(metrics, directory)
 
 
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+
+
 def default_tokenizer_vocab(config: TrainConfig) -> int:
     return config.tokenizer_vocab_size or MODEL_PRESETS[config.preset].vocab_size
 
 
-def copy_tree(source: Path, target: Path) -> None:
-    shutil.copytree(source, target, dirs_exist_ok=True)

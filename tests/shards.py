@@ -1,0 +1,65 @@
+"""Small WebDataset datasets written directly (no download), in the layout `clipforge ingest` produces."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+from PIL import Image
+
+from pipeline.manifest import IngestSummary, ShardInfo, write_manifest
+from training.tokenizer import train_tokenizer
+
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
+RGB = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 30),
+       "purple": (140, 50, 170), "orange": (245, 140, 20), "white": (250, 250, 250), "black": (20, 20, 20)}
+
+
+def _jpeg(colour: str, index: int, size: int = 40) -> bytes:
+    image = Image.new("RGB", (size, size), RGB[colour])
+    for x in range(index % 7, size, 7):  # a per-sample pattern, so images differ within a colour
+        for y in range(0, size, 5):
+            image.putpixel((x, y), (index * 37 % 256, index * 91 % 256, index * 53 % 256))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_dataset(folder: Path, sizes: list[int], corrupt: set[int] = frozenset()) -> Path:
+    """Shards of `sizes[i]` samples each, keys "SSSSSIIII", captions "a <colour> square number <n>".
+
+    Samples whose global number is in `corrupt` get bytes that are not an image.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    shards, number = [], 0
+    for shard, size in enumerate(sizes):
+        path = folder / f"{shard:05d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for index in range(size):
+                key = f"{shard:05d}{index:04d}"
+                colour = COLOURS[number % len(COLOURS)]
+                image = b"not a jpeg at all" if number in corrupt else _jpeg(colour, number)
+                _add(tar, f"{key}.jpg", image)
+                _add(tar, f"{key}.txt", f"a {colour} square number {number}".encode())
+                _add(tar, f"{key}.json", json.dumps({"colour": colour, "number": number}).encode())
+                number += 1
+        shards.append(ShardInfo(shard=shard, path=path.name, samples=size, attempted=size, failed=0,
+                                bytes=path.stat().st_size))
+    summary = IngestSummary(input_rows=number, successes=number, shards=len(shards),
+                            bytes=sum(s.bytes for s in shards))
+    write_manifest(str(folder), shards, summary)
+    return folder
+
+
+def write_tokenizer(folder: Path, context_length: int = 32, vocab_size: int = 400) -> Path:
+    captions = [f"a {c} square number {n}" for n in range(200) for c in COLOURS[:1]] + COLOURS
+    train_tokenizer(captions, vocab_size=vocab_size, context_length=context_length).save(folder)
+    return folder
