@@ -1,0 +1,152 @@
+"""The `clip-train` flow: the whole pipeline, from two URL lists to a registered, evaluated model.
+
+    ingest train list ─┐
+    ingest val list ───┼─> train on Ray ─> evaluate on val ─> brand profile (train) + scores (val) ─> register
+                       │                                                                    (+ promote the first)
+
+Each step is a sub-flow (its own run in the UI, with its logs and artifacts) over a thin task. Re-running with the
+same parameters reuses finished work: ingest resumes shard by shard and training resumes or reuses its Ray Train run,
+so only evaluation, scoring and registration run again. A failing step fails the run with its one-line message and
+leaves everything produced before it in place. The run ends with a markdown report artifact: metrics, and where the
+model, the datasets and the HTML reports are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from flows.brand_flow import brand_score_flow
+from flows.evaluate_flow import evaluate_flow, headline_metrics, metric_rows
+from flows.ingest_flow import ingest_flow
+from flows.params import (ClipTrainRegistry, EvaluationSettings, IngestParams, TrainSettings, BrandSettings,
+                          retry_options, settings_dump)
+from flows.train_flow import train_flow
+from pipeline import storage
+from pipeline.ingest import IngestConfig
+from pipeline.registry import ModelVersion, promote, promoted, register_model
+from pipeline.storage import StorageConfig
+from training.brand import BrandBuildConfig, BrandScoreConfig
+from training.evaluate import EvaluateConfig
+from training.train import TrainConfig
+
+
+@task(name="register-model", **retry_options())
+def register_task(registry: str, name: str, model: str, config: dict[str, Any], metrics: dict[str, Any],
+                  dataset: list[str], parent: str | None, storage_config: StorageConfig | None = None) -> ModelVersion:
+    """Copy the exported model into the next version of `name`, with its lineage."""
+    version = register_model(registry, name, model, config=config, metrics=metrics, dataset=dataset, parent=parent,
+                             storage_config=storage_config)
+    get_run_logger().info("registered %s at %s (parent: %s)", version.ref, version.location, parent or "none")
+    return version
+
+
+@task(name="promote-model", **retry_options())
+def promote_task(registry: str, name: str, version: int, reason: str,
+                 storage_config: StorageConfig | None = None) -> None:
+    """Point the model's promoted pointer at `version` (atomically: old or new, never half-written)."""
+    promote(registry, name, version, reason, storage_config)
+    get_run_logger().info("promoted %s@%d: %s", name, version, reason)
+
+
+def location_link(location: str) -> str:
+    """Markdown for a location: a clickable file:// link for local paths, the s3:// URI as code otherwise."""
+    if storage.is_remote(location):
+        return f"`{location}`"
+    path = storage.absolute(location)
+    return f"[`{path}`](file://{path})"
+
+
+def metrics_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| metric | value | chance |", "|---|---|---|"]
+    lines += [f"| {r['metric']} | {r['value']} | {r['chance']} |" for r in rows]
+    return "\n".join(lines)
+
+
+def _config_json(config: Any) -> dict[str, Any]:
+    return config.model_dump(mode="json")  # secrets are masked in JSON mode
+
+
+@flow(name="clip-train", log_prints=True)
+def clip_train(
+    ingest: IngestParams,  # type: ignore[valid-type]
+    train: TrainSettings = TrainSettings(),  # type: ignore[valid-type]
+    evaluation: EvaluationSettings = EvaluationSettings(),  # type: ignore[valid-type]
+    brand: BrandSettings = BrandSettings(),
+    registry: ClipTrainRegistry = ClipTrainRegistry(),
+) -> ModelVersion:
+    """Ingest the train and val URL lists, train on Ray, evaluate on val, score brand alignment, register the model."""
+    logger = get_run_logger()
+    ingest_settings = settings_dump(ingest, exclude=("train_urls", "val_urls", "output"))
+    datasets = {
+        split: ingest_flow(IngestConfig(urls=urls, output=storage.join(ingest.output, split), **ingest_settings))
+        for split, urls in (("train", ingest.train_urls), ("val", ingest.val_urls))
+    }
+    train_config = TrainConfig(data=datasets["train"].location, **settings_dump(train))
+    result = train_flow(train_config)
+
+    run_output = storage.absolute(train_config.output)
+    eval_config = EvaluateConfig(model=result.model, data=datasets["val"].location,
+                                 output=storage.join(run_output, "eval"), **settings_dump(evaluation))
+    metrics = evaluate_flow(eval_config)
+
+    brand_summary = None
+    if brand.enabled:
+        profile = storage.join(run_output, "brand", "profile")
+        brand_summary = brand_score_flow(
+            score=BrandScoreConfig(profile=profile, images=brand.images or datasets["val"].location,
+                                   output=storage.join(run_output, "brand", "scores"), model=result.model,
+                                   threshold_percentile=brand.threshold_percentile, storage=train.storage),
+            build=BrandBuildConfig(model=result.model, images=datasets["train"].location, output=profile,
+                                   holdout_fraction=brand.holdout_fraction, min_images=brand.min_images,
+                                   storage=train.storage),
+        )
+
+    version = register_task(
+        registry.location, registry.model_name, result.model,
+        config={"ingest": _config_json(ingest), "train": _config_json(train_config),
+                "evaluation": _config_json(eval_config)},
+        metrics={**headline_metrics(metrics), **{f"train.{k}": v for k, v in result.metrics.items()
+                                                 if isinstance(v, int | float) and not isinstance(v, bool)}},
+        dataset=[d.location for d in datasets.values()], parent=None, storage_config=train.storage)
+    current = promoted(registry.location, registry.model_name, train.storage)
+    if registry.promote == "always" or (registry.promote == "first" and current is None):
+        reason = "first version of the model" if current is None else f"clip-train with promote=always"
+        promote_task(registry.location, registry.model_name, version.version, reason, train.storage)
+        promotion_note = f"promoted {version.ref}: {reason}"
+    else:
+        promotion_note = (f"not promoted (promote={registry.promote}); the promoted version stays "
+                          f"{current.ref if current else 'none'}")
+    logger.info(promotion_note)
+
+    rows = metric_rows(metrics)
+    create_table_artifact(rows, key="clip-train-metrics", description=f"Evaluation of {version.ref} on the val set")
+    create_markdown_artifact(
+        report_markdown(version, result, datasets, eval_config, rows, brand_summary, run_output, promotion_note),
+        key="clip-train-report", description=f"clip-train: {version.ref}")
+    return version
+
+
+def report_markdown(version: ModelVersion, result: Any, datasets: dict[str, Any], eval_config: EvaluateConfig,
+                    rows: list[dict[str, Any]], brand_summary: dict[str, Any] | None, run_output: str,
+                    promotion_note: str) -> str:
+    lines = [f"# clip-train: {version.ref}", "", promotion_note, "", "## Evaluation on the validation set", "",
+             metrics_markdown(rows), "",
+             f"Training: {result.metrics.get('steps')} steps, final loss {result.metrics.get('loss', float('nan')):.4f} "
+             f"(run `{result.run_name}`).", "", "## Where things are", "",
+             f"- registered model: {location_link(version.location)}",
+             f"- exported checkpoint: {location_link(result.model)}",
+             f"- training run (checkpoints, metrics.jsonl, tensorboard): {location_link(run_output)}"]
+    for split, manifest in datasets.items():
+        lines.append(f"- {split} dataset manifest: {location_link(storage.join(manifest.location, 'manifest.parquet'))}"
+                     f" ({manifest.summary.successes} samples, {manifest.summary.success_rate:.1%} of the list)")
+    lines.append(f"- evaluation report: {location_link(storage.join(eval_config.output, 'report.html'))}")
+    if brand_summary is not None:
+        lines += [f"- brand scores report: {location_link(storage.join(run_output, 'brand', 'scores', 'report.html'))}",
+                  "", "## Brand scoring", "",
+                  f"{brand_summary['on-brand']} on-brand, {brand_summary['off-brand']} off-brand, "
+                  f"{brand_summary['error']} unreadable of {brand_summary['images']} "
+                  f"(threshold: percentile {brand_summary['threshold_percentile']})."]
+    return "\n".join(lines) + "\n"

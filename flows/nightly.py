@@ -1,0 +1,318 @@
+"""The `nightly-finetune` flow: fine-tune the promoted model on URL lists that arrived since the last run, and
+promote the result only if it is not worse on a fixed validation set.
+
+    new lists under `incoming` ─> combine ─> ingest ─> fine-tune from the promoted model ─> evaluate candidate
+    and promoted model on the same validation set ─> register the candidate ─> promote it if
+    candidate >= promoted - tolerance ─> record the lists as processed
+
+A small state file (`NightlyState`: the processed list names and the last run's time) remembers what was done. It is
+written only at the end of a successful run, atomically (a temporary file and `os.replace` locally, one PUT on S3),
+so a killed or failed run leaves the old state and the next run retries the same lists, reusing their ingest and
+training. With no new list the run ends at once in a Completed state whose message says "nothing to do".
+
+The candidate is registered even when it is not promoted (its lineage names its parent), so a refused fine-tune
+stays inspectable; the run's markdown report says which model is promoted and why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import posixpath
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.states import Completed
+from pydantic import BaseModel, Field
+
+from flows.clip_train import location_link, metrics_markdown, promote_task, register_task
+from flows.evaluate_flow import evaluate_flow, headline_metrics, metric_rows, metric_value
+from flows.ingest_flow import ingest_flow
+from flows.params import (EvaluationSettings, FinetuneSettings, IngestSettings, RegistrySettings, retry_options,
+                          settings_dump)
+from flows.train_flow import train_flow
+from pipeline import storage
+from pipeline.config import Config
+from pipeline.errors import UserError
+from pipeline.ingest import IngestConfig, read_url_list
+from pipeline.registry import ModelVersion, promoted
+from pipeline.storage import StorageConfig
+from training.evaluate import EvaluateConfig
+from training.train import TrainConfig
+
+URL_LIST_SUFFIXES = (".parquet", ".csv", ".jsonl")
+
+
+class NightlyParams(Config):
+    """Where new URL lists arrive, the fixed validation set, and the rule that decides a promotion."""
+
+    incoming: str = ".clipforge/incoming"
+    """Folder or s3:// prefix where new URL lists (*.parquet, *.csv, *.jsonl) arrive; sub-folders are searched,
+    names starting with `.` or `_` are skipped."""
+
+    validation: str = ".clipforge/data/openmoji-val"
+    """Fixed validation set (an ingested dataset, an image list or an embedding table): both the candidate and the
+    promoted model are evaluated on it."""
+
+    data_root: str = ".clipforge/data/nightly"
+    """Where each night's new lists are combined and ingested: <data_root>/<batch>/ (batch: a hash of the names)."""
+
+    metric: str = "retrieval.text_to_image.R@5"
+    """Evaluation metric that decides the promotion, as a dotted path into metrics.json, e.g. zero_shot.acc@1 (needs
+    evaluation.label_field) or retrieval.text_to_image.R@5."""
+
+    tolerance: float = Field(0.01, ge=-1, le=1)
+    """The candidate is promoted when its metric >= the promoted model's metric - tolerance. Negative: it must
+    improve by at least that much."""
+
+    state: str | None = None
+    """State file (processed list names, last run time): a local path or s3:// key. Empty:
+    <registry.location>/<registry.model_name>/nightly-state.json."""
+
+
+class NightlyState(BaseModel):
+    """What the nightly flow has done: the URL lists it processed and when it last succeeded."""
+
+    processed: list[str] = []
+    """Names of the processed URL lists, relative to `incoming`."""
+
+    last_run: datetime | None = None
+    """When the last successful run ended (UTC)."""
+
+    last_version: int | None = None
+    """The version the last fine-tune registered."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the state file
+
+
+def read_state(location: str, config: StorageConfig | None = None) -> NightlyState:
+    fs, path = storage.filesystem(location, config)
+    with storage.storage_errors(location, config):
+        try:
+            data = fs.cat_file(path)
+        except FileNotFoundError:
+            return NightlyState()
+    return NightlyState.model_validate_json(data)
+
+
+def write_atomically(location: str, data: bytes, config: StorageConfig | None = None) -> None:
+    """Readers see the old or the new content, never a part: temp file + fsync + `os.replace` locally, one PUT on S3."""
+    fs, path = storage.filesystem(location, config)
+    with storage.storage_errors(location, config):
+        if storage.is_remote(location):
+            fs.pipe_file(path, data)  # a single PUT of a small object is atomic for readers
+            return
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        temporary = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(temporary, "wb") as file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)  # same folder, same filesystem: an atomic rename
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(temporary)
+            raise
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)  # the rename survives a power cut too
+        finally:
+            os.close(descriptor)
+
+
+def write_state(location: str, state: NightlyState, config: StorageConfig | None = None) -> None:
+    write_atomically(location, state.model_dump_json(indent=2).encode(), config)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# finding and combining new lists
+
+
+def list_url_lists(incoming: str, config: StorageConfig | None = None) -> list[str]:
+    """Names (relative to `incoming`, sorted) of every URL list under it; [] when it does not exist."""
+    fs, root = storage.filesystem(incoming, config)
+    root = root.rstrip("/")
+    with storage.storage_errors(incoming, config):
+        try:
+            found = fs.find(root)
+        except FileNotFoundError:
+            return []
+    names = []
+    for path in found:
+        name = posixpath.relpath(path, root)
+        if name.endswith(URL_LIST_SUFFIXES) and not any(p.startswith((".", "_")) for p in name.split("/")):
+            names.append(name)
+    return sorted(names)
+
+
+def batch_name(names: list[str]) -> str:
+    """A stable name for a set of lists: the same new lists give the same ingest and training folders on a re-run."""
+    return "batch-" + hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()[:12]
+
+
+def combine_url_lists(locations: list[str], output: str, config: StorageConfig | None = None) -> str:
+    """Concatenate URL lists (columns unified, missing ones null) into one parquet at `output`; returns `output`."""
+    tables = [read_url_list(location, config) for location in locations]
+    try:
+        combined = pa.concat_tables(tables, promote_options="permissive")
+    except pa.ArrowInvalid as err:
+        raise UserError(f"the new URL lists have incompatible columns: {err}") from None
+    buffer = io.BytesIO()
+    pq.write_table(combined, buffer)
+    write_atomically(output, buffer.getvalue(), config)
+    return output
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the promotion rule
+
+
+def promotion_decision(metric: str, candidate: float | None, baseline: float | None,
+                       tolerance: float) -> tuple[bool, str]:
+    """(promote?, why in one sentence): promote when candidate >= baseline - tolerance."""
+    if candidate is None:
+        raise UserError(f"the evaluation has no metric {metric!r}: set `metric` to a dotted path in metrics.json, "
+                        "e.g. retrieval.text_to_image.R@5, or zero_shot.acc@1 with evaluation.label_field set")
+    if baseline is None:
+        return True, f"{metric} {candidate:.4f}; the promoted model has no value to compare with"
+    floor = baseline - tolerance
+    if candidate >= floor:
+        return True, (f"{metric} {candidate:.4f} >= {floor:.4f} (promoted model {baseline:.4f} - tolerance "
+                      f"{tolerance:g})")
+    return False, (f"{metric} {candidate:.4f} < {floor:.4f} (promoted model {baseline:.4f} - tolerance {tolerance:g}): "
+                   "keeping the promoted model")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# tasks
+
+
+@task(name="find-new-url-lists", **retry_options())
+def find_new_lists(incoming: str, state: NightlyState, config: StorageConfig | None = None) -> list[str]:
+    names = [n for n in list_url_lists(incoming, config) if n not in set(state.processed)]
+    get_run_logger().info("%d new URL list(s) under %s: %s", len(names), incoming, ", ".join(names) or "none")
+    return names
+
+
+@task(name="read-nightly-state", **retry_options())
+def read_state_task(location: str, config: StorageConfig | None = None) -> NightlyState:
+    return read_state(location, config)
+
+
+@task(name="write-nightly-state", **retry_options())
+def write_state_task(location: str, state: NightlyState, config: StorageConfig | None = None) -> None:
+    write_state(location, state, config)
+    get_run_logger().info("state saved to %s: %d lists processed", location, len(state.processed))
+
+
+@task(name="combine-url-lists", **retry_options())
+def combine_task(locations: list[str], output: str, config: StorageConfig | None = None) -> str:
+    return combine_url_lists(locations, output, config)
+
+
+@task(name="find-promoted-model", **retry_options())
+def promoted_task(registry: str, name: str, config: StorageConfig | None = None) -> ModelVersion:
+    version = promoted(registry, name, config)
+    if version is None:
+        raise UserError(f"model {name} in {registry} has no promoted version to fine-tune: run clip-train first")
+    get_run_logger().info("fine-tuning from %s (%s)", version.ref, version.location)
+    return version
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the flow
+
+
+@flow(name="nightly-finetune", log_prints=True)
+def nightly_finetune(
+    nightly: NightlyParams = NightlyParams(),
+    train: FinetuneSettings = FinetuneSettings(),  # type: ignore[valid-type]
+    ingest: IngestSettings = IngestSettings(),  # type: ignore[valid-type]
+    evaluation: EvaluationSettings = EvaluationSettings(),  # type: ignore[valid-type]
+    registry: RegistrySettings = RegistrySettings(),
+) -> Any:
+    """Fine-tune the promoted model on newly arrived URL lists; promote the result unless the metric falls."""
+    logger = get_run_logger()
+    store = train.storage
+    state_location = nightly.state or storage.join(registry.location, registry.model_name, "nightly-state.json")
+    state = read_state_task(state_location, store)
+    new = find_new_lists(nightly.incoming, state, store)
+    if not new:
+        since = state.last_run.isoformat(timespec="seconds") if state.last_run else "ever"
+        message = f"nothing to do: no new URL lists under {nightly.incoming} since {since}"
+        create_markdown_artifact(f"# nightly-finetune\n\n{message}.\n", key="nightly-report", description=message)
+        return Completed(message=message)
+
+    parent = promoted_task(registry.location, registry.model_name, store)
+    batch = batch_name(new)
+    batch_root = storage.join(nightly.data_root, batch)
+    urls = combine_task([storage.join(nightly.incoming, n) for n in new], storage.join(batch_root, "urls.parquet"),
+                        store)
+    dataset = ingest_flow(IngestConfig(urls=urls, output=storage.join(batch_root, "shards"), **settings_dump(ingest)))
+
+    run_output = storage.join(storage.absolute(train.output), batch)
+    train_config = TrainConfig(**{**settings_dump(train), "output": run_output}, data=dataset.location,
+                               init_from=parent.location)
+    result = train_flow(train_config)
+
+    def evaluate(model: str, name: str) -> dict[str, Any]:
+        return evaluate_flow(EvaluateConfig(model=model, data=nightly.validation,
+                                            output=storage.join(run_output, name), **settings_dump(evaluation)))
+
+    candidate_metrics = evaluate(result.model, "eval-candidate")
+    baseline_metrics = evaluate(parent.location, "eval-promoted")
+    promote, reason = promotion_decision(nightly.metric, metric_value(candidate_metrics, nightly.metric),
+                                         metric_value(baseline_metrics, nightly.metric), nightly.tolerance)
+
+    version = register_task(
+        registry.location, registry.model_name, result.model,
+        config={"nightly": nightly.model_dump(mode="json"), "train": train_config.model_dump(mode="json"),
+                "lists": new},
+        metrics={**headline_metrics(candidate_metrics), "validation": nightly.validation},
+        dataset=[dataset.location], parent=parent.ref, storage_config=store)
+    if promote:
+        promote_task(registry.location, registry.model_name, version.version, reason, store)
+    logger.info("%s %s: %s", "promoted" if promote else "did not promote", version.ref, reason)
+    write_state_task(state_location, NightlyState(processed=sorted({*state.processed, *new}),
+                                                  last_run=datetime.now(UTC), last_version=version.version), store)
+
+    rows = [{"metric": r["metric"], "candidate": r["value"],
+             "promoted": _rounded(metric_value(baseline_metrics, r["metric"])), "chance": r["chance"]}
+            for r in metric_rows(candidate_metrics)]
+    create_table_artifact(rows, key="nightly-metrics",
+                          description=f"{version.ref} vs the promoted {parent.ref} on {nightly.validation}")
+    create_markdown_artifact(
+        nightly_markdown(version, parent, promote, reason, new, dataset.location, result.model, run_output,
+                         metric_rows(candidate_metrics)),
+        key="nightly-report", description=f"{'promoted' if promote else 'kept'}: {reason}")
+    return {"version": version.version, "promoted": promote, "reason": reason, "lists": new}
+
+
+def _rounded(value: float | None) -> float | str:
+    return "" if value is None else round(value, 4)
+
+
+def nightly_markdown(version: ModelVersion, parent: ModelVersion, promote: bool, reason: str, lists: list[str],
+                     dataset: str, model: str, run_output: str, rows: list[dict[str, Any]]) -> str:
+    verdict = (f"**Promoted {version.ref}** (fine-tuned from {parent.ref})." if promote else
+               f"**Kept {parent.ref}**: the fine-tuned {version.ref} is registered but not promoted.")
+    lines = ["# nightly-finetune", "", verdict, "", f"Why: {reason}.", "", "## Candidate on the validation set", "",
+             metrics_markdown(rows), "", "## Inputs and outputs", "",
+             f"- new URL lists: {', '.join(f'`{n}`' for n in lists)}",
+             f"- dataset manifest: {location_link(storage.join(dataset, 'manifest.parquet'))}",
+             f"- fine-tuned checkpoint: {location_link(model)}",
+             f"- registered version: {location_link(version.location)}",
+             f"- evaluation reports: {location_link(storage.join(run_output, 'eval-candidate', 'report.html'))}, "
+             f"{location_link(storage.join(run_output, 'eval-promoted', 'report.html'))}"]
+    return "\n".join(lines) + "\n"

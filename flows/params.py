@@ -1,0 +1,193 @@
+"""What the flows share: their parameter models (the Prefect UI's run forms), the retry policy of every task, and
+the progress artifacts that show long steps moving.
+
+The composed flows (`clip-train`, `nightly-finetune`) take the jobs' own configs minus the fields the flow fills in
+itself: `IngestConfig` without `urls`/`output` (the flow ingests a train and a val list), `TrainConfig` without
+`data` (the flow passes the ingested train set), `EvaluateConfig` without `model`/`data`/`output`. These settings
+models are derived from the configs with `derive`, so every field keeps its type, bounds and description and there
+is one source of truth: a field added to `TrainConfig` appears in the run form without touching this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
+
+from prefect import get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.tasks import exponential_backoff
+from pydantic import Field, ValidationError, create_model
+from pydantic.fields import FieldInfo
+
+from pipeline import storage
+from pipeline.config import Config
+from pipeline.errors import UserError
+from pipeline.ingest import IngestConfig
+from training.evaluate import EvaluateConfig
+from training.train import TrainConfig
+
+
+def derive(name: str, doc: str, base: type[Config], drop: tuple[str, ...] = (), defaults: dict[str, Any] | None = None,
+           **extra: tuple[Any, FieldInfo]) -> type[Config]:
+    """A `Config` with `extra` fields first, then `base`'s fields minus `drop`, some with other `defaults`."""
+    defaults = defaults or {}
+    fields: dict[str, Any] = dict(extra)
+    for field_name, info in base.model_fields.items():
+        if field_name in drop:
+            continue
+        if field_name in defaults:
+            info = FieldInfo.merge_field_infos(info, default=defaults[field_name])
+        fields[field_name] = (info.annotation, info)
+    return create_model(name, __base__=Config, __doc__=doc, __module__=__name__, **fields)
+
+
+def _described(default: Any, description: str, **constraints: Any) -> FieldInfo:
+    return Field(default, description=description, **constraints)
+
+
+def settings_dump(settings: Config, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The settings as keyword values for the job config they were derived from (secrets stay `SecretStr`)."""
+    return {k: v for k, v in settings.model_dump().items() if k not in exclude}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parameter models
+
+IngestSettings = derive(
+    "IngestSettings", "How URL lists are downloaded, filtered and resized (the fields of `clipforge ingest`).",
+    IngestConfig, drop=("urls", "output"))
+
+IngestParams = derive(
+    "IngestParams", "The train and validation URL lists and how they are ingested into WebDataset shards.",
+    IngestConfig, drop=("urls", "output"),
+    train_urls=(str, Field(description="Training URL list: .csv, .tsv, .parquet or .jsonl, local or s3://, "
+                                       "with a URL and a caption column.")),
+    val_urls=(str, Field(description="Validation URL list (same format); evaluation and brand scoring use it.")),
+    output=(str, _described(".clipforge/data/clip-train", "Folder or s3:// prefix: the train shards go to "
+                            "<output>/train, the validation shards to <output>/val.")),
+)
+
+TrainSettings = derive(
+    "TrainSettings", "Model and optimisation of the training run (the fields of `clipforge train`, except `data`, "
+    "which is the ingested train set).", TrainConfig, drop=("data",))
+
+FinetuneSettings = derive(
+    "FinetuneSettings", "The nightly fine-tune: its own schedule; it starts from the promoted model (init_from) and "
+    "trains on the new data. Each night's run writes under <output>/<batch>.", TrainConfig, drop=("data", "init_from"),
+    defaults={"output": ".clipforge/runs/nightly", "lr": 1e-4, "steps": 100, "warmup_steps": 10})
+
+EvaluationSettings = derive(
+    "EvaluationSettings", "Zero-shot classification and retrieval on the validation set (the fields of "
+    "`clipforge evaluate`, except model, data and output, which the flow fills in).", EvaluateConfig,
+    drop=("model", "data", "output"))
+
+
+class BrandSettings(Config):
+    """Brand scoring: a profile built from the training images, then images scored against it."""
+
+    enabled: bool = True
+    """Build the profile and score images. Off: skip the step."""
+
+    images: str | None = None
+    """Images to score: a folder or s3:// prefix of images, an image list or an ingested dataset. Empty: the
+    validation set."""
+
+    threshold_percentile: float = Field(5.0, ge=0, le=100)
+    """An image is on-brand when its percentile among held-out approved images is at least this."""
+
+    holdout_fraction: float = Field(0.2, gt=0, lt=1)
+    """Share of the training images held out of the centroid to calibrate scores."""
+
+    min_images: int = Field(10, ge=2)
+    """Fewer readable training images than this fails the step."""
+
+
+class RegistrySettings(Config):
+    """Where models are registered, and under which name."""
+
+    location: str = ".clipforge/registry"
+    """Model registry: a folder or s3://bucket/prefix."""
+
+    model_name: str = "clip"
+    """Name of the model in the registry; versions are numbered 1, 2, 3..."""
+
+
+class ClipTrainRegistry(RegistrySettings):
+    """Where the trained model is registered, and whether it becomes the promoted (served) version."""
+
+    promote: Literal["first", "always", "never"] = "first"
+    """Promote the new version: `first` only when no version is promoted yet, `always`, or `never`."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Retries: transient failures (object storage, HTTP, a lost Ray worker) are retried with backoff; a `UserError`
+# (bad config, missing file, failed quality floor) fails once, with its one-line message.
+
+
+def retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect `retry_condition_fn`: retry every failure except the ones the user must fix."""
+    try:
+        state.result()
+    except (UserError, ValidationError):
+        return False
+    except Exception:  # noqa: BLE001 - anything else may be transient
+        return True
+    return True
+
+
+def retry_options(retries: int = 2, backoff_seconds: float = 10.0) -> dict[str, Any]:
+    """Task decorator options: `retries` with exponential backoff and jitter, never for a `UserError`.
+
+    No result caching: ingest and training reuse finished work themselves, keyed on their whole input, so a changed
+    input is never hidden behind a cached result.
+    """
+    from prefect.cache_policies import NO_CACHE
+
+    return {"retries": retries, "retry_delay_seconds": exponential_backoff(backoff_factor=backoff_seconds),
+            "retry_jitter_factor": 0.5, "retry_condition_fn": retry_unless_user_error, "cache_policy": NO_CACHE}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Progress artifacts
+
+
+@contextlib.contextmanager
+def progress_artifact(key: str, description: str, measure: Callable[[], float | None],
+                      interval: float = 3.0) -> Iterator[None]:
+    """A progress artifact for the block: 0 at the start, `measure()` (a share in [0, 1]) every `interval` seconds
+    while the block runs, 100 when it ends normally. A failing `measure` only skips that update."""
+    logger = get_run_logger()
+    artifact_id = create_progress_artifact(0.0, key=key, description=description)
+    stop = threading.Event()
+    shown = [0.0]
+
+    def poll() -> None:
+        while not stop.wait(interval):
+            try:
+                share = measure()
+            except Exception as err:  # noqa: BLE001 - progress is best effort
+                logger.debug("progress of %s not measured: %s", key, err)
+                continue
+            if share is not None and round(100 * share, 1) != shown[0]:
+                shown[0] = round(100 * min(1.0, max(0.0, share)), 1)
+                update_progress_artifact(artifact_id, shown[0])
+
+    # the thread must see the flow run's settings (API URL) and client, which live in context variables
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(poll,), name=f"progress {key}",
+                              daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+    update_progress_artifact(artifact_id, 100.0)
+
+
+def count_matches(location: str, pattern: str, config: storage.StorageConfig | None = None) -> int:
+    """How many entries under `location` match the glob `pattern` (0 when the location does not exist yet)."""
+    fs, path = storage.filesystem(location, config)
+    return len(fs.glob(f"{path.rstrip('/')}/{pattern}"))
