@@ -1,0 +1,103 @@
+"""Commands of the evaluation layer: `clipforge embed`, `evaluate`, `brand build|score` and `search`.
+
+Each command is a thin wrapper over one library function, whose typed config is the command's options. The CLI
+root registers the list `commands`.
+"""
+
+from __future__ import annotations
+
+import click
+
+from pipeline.cli_options import config_command
+from training.brand import BrandBuildConfig, BrandScoreConfig, build_profile, score_images
+from training.embed import EmbedConfig, embed
+from training.evaluate import EvaluateConfig, evaluate, output_files
+from training.report import format_brand_summary, format_evaluation
+from training.search import SearchConfig, search
+
+
+@config_command(EmbedConfig, "embed", required=("model", "data", "output"), help="""Embed images into a parquet
+    table (key, unit-length embedding, caption, source, metadata) that evaluate, brand and search reuse.
+
+    \b
+    Example:
+      clipforge embed --model checkpoints/final --data .clipforge/data/openmoji-val --output lib.parquet
+
+    Unreadable, corrupt or oversized images become rows with an `error` and no embedding.""")
+def embed_command(config: EmbedConfig) -> None:
+    summary = embed(config)
+    click.echo(f"embedded {summary['embedded']} of {summary['rows']} images ({summary['errors']} errors) "
+               f"into {summary['output']}")
+
+
+@config_command(EvaluateConfig, "evaluate", required=("model", "data", "output"), help="""Zero-shot classification
+    and image-text retrieval of a checkpoint on an evaluation set; writes metrics.json and report.html.
+
+    \b
+    Example:
+      clipforge evaluate --model checkpoints/final --data .clipforge/data/openmoji-val \\
+          --label-field group --templates emoji --output eval/openmoji-val
+
+    Every metric is printed with its chance level beside it (acc@k: k / classes; recall@k: k / N).""")
+def evaluate_command(config: EvaluateConfig) -> None:
+    metrics = evaluate(config)
+    click.echo(format_evaluation(metrics))
+    click.echo("wrote " + ", ".join(output_files(config)))
+
+
+@click.group("brand", context_settings={"max_content_width": 120})
+def brand_group() -> None:
+    """Brand alignment: build a profile from approved images, then score new images against it."""
+
+
+@config_command(BrandBuildConfig, "build", required=("model", "images", "output"), help="""Build a brand profile
+    (centroid + calibration on held-out approved images) from a folder, list or prefix of approved images.
+
+    \b
+    Example:
+      clipforge brand build --model checkpoints/final --images brand/approved --output brand/profile""")
+def brand_build_command(config: BrandBuildConfig) -> None:
+    profile = build_profile(config)
+    info = profile.info
+    click.echo(f"profile {config.output}: centroid of {info['fit_images']} images, calibrated on "
+               f"{info['heldout_images']} held-out ones ({info['unreadable_images']} unreadable)")
+    click.echo("held-out cosine quantiles: " + ", ".join(f"{k}={v:.3f}" for k, v in info["heldout_quantiles"].items()))
+
+
+@config_command(BrandScoreConfig, "score", required=("profile", "images", "output"), help="""Score images against a
+    brand profile: cosine to the centroid, percentile among approved held-out images, on/off-brand verdict.
+
+    \b
+    Example:
+      clipforge brand score --profile brand/profile --images uploads/ --output brand/scores
+
+    Writes scores.parquet (one row per image; unreadable ones as error rows), summary.json and report.html.""")
+def brand_score_command(config: BrandScoreConfig) -> None:
+    summary = score_images(config)
+    click.echo(format_brand_summary(summary))
+    click.echo(f"wrote {config.output}/scores.parquet, summary.json" + (", report.html" if config.report else ""))
+
+
+brand_group.add_command(brand_build_command)
+brand_group.add_command(brand_score_command)
+
+
+@config_command(SearchConfig, "search", required=("index",), help="""Search an embedded image library with text
+    queries; prints the top-k images with their cosine scores.
+
+    \b
+    Example:
+      clipforge search --index lib.parquet "a red circle" "a smiling face" --top-k 5""")
+def search_command(config: SearchConfig) -> None:
+    for result in search(config):
+        click.echo(f"query: {result['query']}")
+        for hit in result["hits"]:
+            caption = f"  {hit['caption']}" if hit["caption"] else ""
+            click.echo(f"  {hit['rank']:>3}  {hit['score']:.4f}  {hit['key']}{caption}")
+    if config.output:
+        click.echo(f"wrote {config.output}/results.json, report.html")
+
+
+search_command.params.insert(0, click.Argument(["queries"], nargs=-1))  # positional queries -> SearchConfig.queries
+
+commands: list[click.Command] = [embed_command, evaluate_command, brand_group, search_command]

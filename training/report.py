@@ -1,0 +1,258 @@
+"""Reports: one self-contained HTML file per run (plots and thumbnails inlined as base64 PNG data URIs), and the
+plain-text summaries the CLI prints.
+
+Plots are drawn with matplotlib's Agg backend (no display needed): the zero-shot confusion matrix, recall@k bars with
+chance beside them, brand score histograms (approved held-out vs scored) and search hits as thumbnails. Every
+metric is shown beside its chance level, so a number is never read without its floor.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # before pyplot: files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 24px auto; max-width: 1100px; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; margin: 8px 0; } td, th { padding: 3px 12px; text-align: right; }
+th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+img.plot { max-width: 100%; display: block; margin: 8px 0; }
+.hits { display: flex; flex-wrap: wrap; gap: 10px; } .hit { width: 120px; font-size: 0.8em; text-align: center; }
+.hit img { width: 112px; height: 112px; image-rendering: pixelated; border: 1px solid #ccc; }
+.muted { color: #777; } .row { display: flex; flex-wrap: wrap; gap: 16px; align-items: flex-start; }
+.row img.plot { max-width: 520px; } .error { color: #b00; }
+"""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Images as data URIs
+
+
+def figure_data_uri(figure: plt.Figure) -> str:
+    """A matplotlib figure as a `data:image/png;base64,...` URI (the figure is closed)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def image_data_uri(data: bytes) -> str:
+    """Any encoded image (the tables keep JPEG thumbnails) re-encoded as a PNG data URI."""
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(data)).convert("RGB").save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _img(uri: str, alt: str) -> str:
+    return f'<img class="plot" alt="{html.escape(alt)}" src="{uri}">'
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Plots
+
+
+def confusion_matrix_plot(matrix: Sequence[Sequence[int]], class_names: Sequence[str]) -> str:
+    """Row-normalised confusion matrix (rows: true class) as a PNG data URI; counts written in small matrices."""
+    counts = np.asarray(matrix, dtype=float)
+    rows = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    size = len(class_names)
+    side = min(16, max(5, 0.45 * size + 2))
+    figure, axes = plt.subplots(figsize=(side + 1.5, side))
+    shown = axes.imshow(rows, cmap="viridis", vmin=0, vmax=1)
+    figure.colorbar(shown, ax=axes, fraction=0.046, label="share of the true class")
+    if size <= 40:
+        axes.set_xticks(range(size), [str(n)[:24] for n in class_names], rotation=60, ha="right", fontsize=8)
+        axes.set_yticks(range(size), [str(n)[:24] for n in class_names], fontsize=8)
+    if size <= 15:
+        for i in range(size):
+            for j in range(size):
+                if counts[i, j]:
+                    axes.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=7,
+                              color="black" if rows[i, j] > 0.5 else "white")
+    axes.set_xlabel("predicted class")
+    axes.set_ylabel("true class")
+    axes.set_title("zero-shot confusion matrix")
+    return figure_data_uri(figure)
+
+
+def recall_plot(retrieval: dict[str, Any]) -> str:
+    """Grouped bars: recall@k for both directions, chance as hatched bars beside them."""
+    ks = list(retrieval["text_to_image"])
+    figure, axes = plt.subplots(figsize=(5.5, 3.4))
+    x = np.arange(len(ks))
+    width = 0.2
+    for offset, (direction, colour) in zip((-1.5, 0.5), (("image_to_text", "#1f77b4"), ("text_to_image", "#ff7f0e"))):
+        values = [retrieval[direction][k] for k in ks]
+        chance = [retrieval["chance"][direction][k] for k in ks]
+        bars = axes.bar(x + offset * width, values, width, color=colour, label=direction.replace("_to_", " → "))
+        axes.bar(x + (offset + 1) * width, chance, width, color="white", edgecolor=colour, hatch="//",
+                 label=f"chance ({direction.split('_')[0]} query)")
+        axes.bar_label(bars, fmt="%.2f", fontsize=8)
+    axes.set_xticks(x, ks)
+    axes.set_ylim(0, 1.35)  # headroom for the legend
+    axes.set_ylabel("recall")
+    axes.set_title(f"retrieval recall@k ({retrieval['num_images']} images, {retrieval['num_texts']} captions)", fontsize=10)
+    axes.legend(fontsize=7, loc="upper left", ncols=2)
+    return figure_data_uri(figure)
+
+
+def zero_shot_bars(zero_shot: dict[str, Any]) -> str:
+    names = [n for n in ("acc@1", "acc@5", "mean_per_class_recall") if n in zero_shot]
+    figure, axes = plt.subplots(figsize=(4.5, 3.4))
+    x = np.arange(len(names))
+    bars = axes.bar(x - 0.18, [zero_shot[n] for n in names], 0.36, color="#2ca02c", label="model")
+    axes.bar(x + 0.18, [zero_shot["chance"][n] for n in names], 0.36, color="white", edgecolor="#2ca02c", hatch="//",
+             label="chance")
+    axes.bar_label(bars, fmt="%.2f", fontsize=8)
+    axes.set_xticks(x, [n.replace("mean_per_class_recall", "mean class recall") for n in names], fontsize=8)
+    axes.set_ylim(0, 1.08)
+    axes.set_title(f"zero-shot classification ({zero_shot['num_classes']} classes)", fontsize=10)
+    axes.legend(fontsize=8)
+    return figure_data_uri(figure)
+
+
+def brand_histogram(heldout: np.ndarray, scored: np.ndarray, threshold_cosine: float | None = None) -> str:
+    """Histograms of cosine to the centroid: approved held-out images vs the scored ones, with the threshold."""
+    figure, axes = plt.subplots(figsize=(8, 3.6))
+    values = np.concatenate([heldout, scored]) if len(scored) else heldout
+    bins = np.linspace(float(values.min()) - 1e-3, float(values.max()) + 1e-3, 31)
+    axes.hist(heldout, bins=bins, alpha=0.6, density=True, color="#2ca02c", label=f"approved, held out ({len(heldout)})")
+    if len(scored):
+        axes.hist(scored, bins=bins, alpha=0.6, density=True, color="#1f77b4", label=f"scored ({len(scored)})")
+    if threshold_cosine is not None and threshold_cosine > -1:
+        axes.axvline(threshold_cosine, color="#d62728", linestyle="--", label="on-brand threshold")
+    axes.set_xlabel("cosine similarity to the brand centroid")
+    axes.set_ylabel("density")
+    axes.set_title("brand alignment")
+    axes.legend(fontsize=8)
+    return figure_data_uri(figure)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pages
+
+
+def _page(title: str, sections: list[tuple[str, str]]) -> str:
+    body = "\n".join(f"<section><h2>{html.escape(heading)}</h2>\n{content}</section>" for heading, content in sections)
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{_STYLE}</style></head>\n<body><h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def cell(value: Any) -> str:
+        return f"{value:.4f}" if isinstance(value, float) else html.escape(str(value))
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header) if any(header) else ""
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table>{f'<tr>{head}</tr>' if head else ''}{body}</table>"
+
+
+def metric_rows(metrics: dict[str, Any]) -> list[tuple[str, float, float]]:
+    """(name, value, chance) for every headline metric of an evaluation."""
+    rows = []
+    zero_shot = metrics.get("zero_shot")
+    if zero_shot:
+        for name in ("acc@1", "acc@5", "mean_per_class_recall"):
+            rows.append((f"zero-shot {name}", zero_shot[name], zero_shot["chance"][name]))
+    retrieval = metrics.get("retrieval")
+    if retrieval:
+        for direction in ("image_to_text", "text_to_image"):
+            for k, value in retrieval[direction].items():
+                rows.append((f"{direction.replace('_', ' ')} {k}", value, retrieval["chance"][direction][k]))
+    return rows
+
+
+def format_evaluation(metrics: dict[str, Any]) -> str:
+    """The console summary: every metric with its chance level beside it."""
+    lines = [f"model:  {metrics['model']}", f"data:   {metrics['data']} ({metrics['num_images']} images"
+             + (f", {metrics['num_errors']} unreadable)" if metrics.get("num_errors") else ")")]
+    zero_shot = metrics.get("zero_shot")
+    if zero_shot:
+        lines.append(f"zero-shot on {zero_shot['label_field']!r}: {zero_shot['num_classes']} classes, "
+                     f"{len(zero_shot['templates'])} templates")
+    lines.append(f"{'metric':<32}{'value':>8}{'chance':>10}")
+    lines += [f"{name:<32}{value:>8.4f}{chance:>10.4f}" for name, value, chance in metric_rows(metrics)]
+    return "\n".join(lines)
+
+
+def evaluation_report(metrics: dict[str, Any]) -> str:
+    """The HTML report of `clipforge evaluate`: metrics beside chance, recall@k and accuracy bars, confusion matrix."""
+    errors = ", ".join(f"{k}: {v}" for k, v in metrics.get("errors", {}).items()) or "none"
+    run = (f'<p class="muted">model {html.escape(str(metrics["model"]))} &middot; data {html.escape(str(metrics["data"]))}'
+           f' &middot; {metrics["num_images"]} images &middot; unreadable: {html.escape(errors)}</p>')
+    plots = []
+    if metrics.get("retrieval"):
+        plots.append(_img(recall_plot(metrics["retrieval"]), "recall at k"))
+    zero_shot = metrics.get("zero_shot")
+    if zero_shot:
+        plots.append(_img(zero_shot_bars(zero_shot), "zero-shot accuracy"))
+    sections = [("Metrics (chance beside each)", run + '<div class="row">'
+                 + _table(["metric", "value", "chance"], metric_rows(metrics)) + "".join(plots) + "</div>")]
+    if zero_shot:
+        templates = '<p class="muted">templates: ' + html.escape(" | ".join(zero_shot["templates"])) + "</p>"
+        recalls = _table(["class", "recall"], sorted(zero_shot["per_class_recall"].items()))
+        sections.append((f"Zero-shot classification on {zero_shot['label_field']!r}",
+                         templates + _img(confusion_matrix_plot(zero_shot["confusion_matrix"], zero_shot["class_names"]),
+                                          "confusion matrix")
+                         + f"<details><summary>recall per class</summary>{recalls}</details>"))
+    return _page("clipforge evaluation", sections)
+
+
+def _thumbnail_grid(items: list[tuple[bytes | None, str]]) -> str:
+    cells = []
+    for data, caption in items:
+        image = f'<img alt="hit" src="{image_data_uri(data)}">' if data else '<div class="muted">(no thumbnail)</div>'
+        cells.append(f'<div class="hit">{image}<br>{caption}</div>')
+    return f'<div class="hits">{"".join(cells)}</div>'
+
+
+def format_brand_summary(summary: dict[str, Any]) -> str:
+    lines = [f"scored {summary['scored']} images against {summary['profile']} "
+             f"(threshold: percentile >= {summary['threshold_percentile']:g}, i.e. cosine >= {summary['threshold_cosine']:.4f})",
+             f"on-brand: {summary['on-brand']}   off-brand: {summary['off-brand']}   errors: {summary['error']}"]
+    lines += [f"  error {reason}: {count}" for reason, count in summary["errors_by_reason"].items()]
+    return "\n".join(lines)
+
+
+def brand_report(summary: dict[str, Any], heldout: np.ndarray, scored: np.ndarray, rows: list[dict[str, Any]],
+                 max_thumbnails: int = 24) -> str:
+    """The HTML report of `clipforge brand score`: histogram, counts, the least and most on-brand images, errors."""
+    counts = [("on-brand", summary["on-brand"]), ("off-brand", summary["off-brand"]), ("error", summary["error"]),
+              ("threshold percentile", summary["threshold_percentile"]), ("threshold cosine", summary["threshold_cosine"])]
+    sections = [("Summary", _table(["", ""], [("profile", summary["profile"]), ("model", summary["model"]),
+                                             ("images", summary["images"]), *counts])),
+                ("Scores", _img(brand_histogram(heldout, scored, summary["threshold_cosine"]), "brand score histogram"))]
+    scored_rows = sorted((r for r in rows if r["verdict"] != "error"), key=lambda r: r["cosine"])
+    half = max_thumbnails // 2
+
+    def grid(chosen: list[dict[str, Any]]) -> str:
+        return _thumbnail_grid([(r.get("thumbnail"), f"{html.escape(str(r['key']))}<br>{r['percentile']:.0f} pct, "
+                                 f"{r['verdict']}") for r in chosen])
+
+    if scored_rows:
+        sections.append(("Least on-brand", grid(scored_rows[:half])))
+        sections.append(("Most on-brand", grid(scored_rows[::-1][:half])))
+    errors = [(r["key"], r["error"]) for r in rows if r["verdict"] == "error"]
+    if errors:
+        sections.append(("Errors", _table(["image", "reason"], errors)))
+    return _page("clipforge brand score", sections)
+
+
+def search_report(index: str, results: list[dict[str, Any]]) -> str:
+    """The HTML page of `clipforge search --output`: each query's hits as thumbnails with scores."""
+    sections = []
+    for result in results:
+        items = [(hit.get("thumbnail"), f"#{hit['rank']} {hit['score']:.3f}<br>{html.escape(str(hit['key']))}")
+                 for hit in result["hits"]]
+        sections.append((f"“{result['query']}”", _thumbnail_grid(items)))
+    return _page(f"clipforge search: {index}", sections)
