@@ -205,6 +205,7 @@ def run_training(config: TrainConfig) -> TrainResult:
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),  # ray
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=3),  # ray
             worker_runtime_env={"env_vars": worker_env} if worker_env else None,
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # ray: our progress bar says it all
             **_ray_storage(config),
         ),
     )
