@@ -50,8 +50,9 @@ def demo(workdir: str, port: int) -> None:
 def _register() -> None:
     from pipeline.cli import commands as pipeline_commands
     from training.cli import commands as training_commands
+    from training.eval_cli import commands as eval_commands
 
-    for command in [*pipeline_commands, *training_commands]:
+    for command in [*pipeline_commands, *training_commands, *eval_commands]:
         cli.add_command(command)
 
 
