@@ -1,0 +1,268 @@
+"""Flows: parameter models, retry policy, nightly bookkeeping, and the promoted pointer and state file that a SIGKILL
+never leaves half-written (fast); nightly-finetune end to end against a real Prefect server (slow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import multiprocessing
+import random
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv
+import pyarrow.parquet as pq
+import pytest
+from prefect.states import Failed
+from pydantic import ValidationError
+
+from flows.evaluate_flow import headline_metrics, metric_value
+from flows.nightly import (NightlyParams, NightlyState, batch_name, combine_url_lists, list_url_lists,
+                           promotion_decision, read_state, write_state)
+from flows.params import (EvaluationSettings, FinetuneSettings, IngestParams, IngestSettings, TrainSettings,
+                          retry_unless_user_error)
+from pipeline.errors import UserError
+from pipeline.registry import get_version, list_versions, promote, promoted, promotion, register_model
+
+# --- parameter models -----------------------------------------------------------------------------------------------
+
+
+def test_settings_keep_the_configs_fields_bounds_and_descriptions() -> None:
+    assert "data" not in TrainSettings.model_fields
+    assert TrainSettings.model_fields["batch_size"].description.startswith("Global contrastive batch")
+    with pytest.raises(ValidationError, match="batch_size"):
+        TrainSettings(batch_size=-1)
+    with pytest.raises(ValidationError, match="bogus"):
+        TrainSettings(bogus=1)
+    assert list(IngestParams.model_fields)[:3] == ["train_urls", "val_urls", "output"]
+    assert "urls" not in IngestParams.model_fields and "urls" not in IngestSettings.model_fields
+    assert {"model", "data", "output"}.isdisjoint(EvaluationSettings.model_fields)
+    finetune = FinetuneSettings()
+    assert "init_from" not in FinetuneSettings.model_fields
+    assert (finetune.lr, finetune.steps) == (1e-4, 100)  # the nightly run's own schedule
+
+
+def test_flow_parameter_schema_describes_every_field() -> None:
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.clip_train import clip_train
+    from flows.nightly import nightly_finetune
+
+    schema = parameter_schema(clip_train).model_dump()
+    assert list(schema["properties"]) == ["ingest", "train", "evaluation", "brand", "registry"]
+    assert schema["required"] == ["ingest"]
+    definitions = schema["definitions"]
+    for model in ("IngestParams", "TrainSettings", "EvaluationSettings", "BrandSettings", "ClipTrainRegistry"):
+        properties = definitions[model]["properties"]
+        missing = [name for name, field in properties.items() if not field.get("description")]
+        assert not missing, f"{model} fields without description: {missing}"
+        assert definitions[model]["additionalProperties"] is False
+    nightly = parameter_schema(nightly_finetune).model_dump()
+    assert not nightly.get("required")  # a scheduled run needs no parameters
+
+
+def test_retries_skip_user_errors() -> None:
+    assert retry_unless_user_error(None, None, Failed(data=UserError("URL list x does not exist"))) is False
+    assert retry_unless_user_error(None, None, Failed(data=ConnectionResetError("reset by peer"))) is True
+
+
+# --- nightly bookkeeping --------------------------------------------------------------------------------------------
+
+
+def test_promotion_decision_by_tolerance() -> None:
+    assert promotion_decision("m", 0.50, 0.50, 0.0)[0] is True
+    assert promotion_decision("m", 0.48, 0.50, 0.05)[0] is True
+    promote_it, reason = promotion_decision("m", 0.40, 0.50, 0.05)
+    assert promote_it is False and "keeping the promoted model" in reason and "0.4000" in reason
+    assert promotion_decision("m", 0.55, 0.50, -0.1)[0] is False  # negative tolerance: must improve by 0.1
+    assert promotion_decision("m", 0.3, None, 0.0)[0] is True
+    with pytest.raises(UserError, match="no metric 'zero_shot.acc@1'"):
+        promotion_decision("zero_shot.acc@1", None, 0.5, 0.0)
+
+
+def test_metric_paths() -> None:
+    metrics = {"num_images": 4, "zero_shot": {"acc@1": 0.5, "chance": {"acc@1": 0.1}, "confusion_matrix": [[1]]},
+               "retrieval": {"text_to_image": {"R@5": 0.25}}}
+    assert metric_value(metrics, "retrieval.text_to_image.R@5") == 0.25
+    assert metric_value(metrics, "zero_shot.acc@5") is None
+    assert headline_metrics(metrics) == {"num_images": 4, "zero_shot.acc@1": 0.5, "retrieval.text_to_image.R@5": 0.25}
+
+
+def test_new_url_lists_are_found_and_combined(tmp_path: Path) -> None:
+    incoming = tmp_path / "incoming"
+    (incoming / "2026" / "05").mkdir(parents=True)
+    (incoming / "_clipforge").mkdir()
+    pq.write_table(pa.table({"url": ["http://a/1.png"], "caption": ["one"]}), incoming / "a.parquet")
+    (incoming / "2026" / "05" / "b.csv").write_text("url,caption,group\nhttp://a/2.png,two,g\n")
+    (incoming / "c.jsonl").write_text(json.dumps({"url": "http://a/3.png", "caption": "three"}) + "\n")
+    (incoming / "notes.txt").write_text("not a list")
+    (incoming / "_clipforge" / "x.parquet").write_bytes(b"ours")
+    (incoming / ".partial.csv").write_text("uploading")
+    assert list_url_lists(str(incoming)) == ["2026/05/b.csv", "a.parquet", "c.jsonl"]
+    assert list_url_lists(str(tmp_path / "absent")) == []
+    assert batch_name(["a.parquet", "c.jsonl"]) == batch_name(["c.jsonl", "a.parquet"]) != batch_name(["a.parquet"])
+
+    combined = combine_url_lists([str(incoming / n) for n in list_url_lists(str(incoming))],
+                                 str(tmp_path / "batch" / "urls.parquet"))
+    table = pq.read_table(combined)
+    assert table.column("caption").to_pylist() == ["two", "one", "three"]
+    assert table.column("group").to_pylist() == ["g", None, None]
+
+
+def test_state_round_trip_and_atomic_replace(tmp_path: Path) -> None:
+    location = str(tmp_path / "registry" / "clip" / "nightly-state.json")
+    assert read_state(location) == NightlyState()
+    write_state(location, NightlyState(processed=["a.parquet"], last_version=2))
+    write_state(location, NightlyState(processed=["a.parquet", "b.csv"], last_version=3))
+    assert read_state(location).processed == ["a.parquet", "b.csv"]
+    assert os.listdir(tmp_path / "registry" / "clip") == ["nightly-state.json"]  # no temporary left behind
+
+
+# --- SIGKILL while promoting and saving state -----------------------------------------------------------------
+
+def _promote_forever(registry: str, state: str, ready) -> None:
+    """The promote step and the state write of nightly-finetune, over and over, until killed."""
+    ready.send("ready")
+    step = 0
+    while True:
+        step += 1
+        promote(registry, "clip", 1 + step % 2, reason="kill test " + "x" * (step % 500))
+        write_state(state, NightlyState(processed=[f"list-{i}.parquet" for i in range(step % 200)], last_version=step))
+
+
+def _fake_checkpoint(folder: Path, size: int) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(os.urandom(size))
+    (folder / "model_config.json").write_text("{}")
+    return folder
+
+
+def test_promoted_pointer_and_state_survive_sigkill(tmp_path: Path) -> None:
+    registry = str(tmp_path / "registry")
+    for number in (1, 2):
+        register_model(registry, "clip", str(_fake_checkpoint(tmp_path / f"ckpt{number}", 4096)), config={},
+                       metrics={}, dataset="data", parent=None)
+    state = str(tmp_path / "registry" / "clip" / "nightly-state.json")
+    write_state(state, NightlyState(last_version=0))
+    rng = random.Random(0)
+    fork = multiprocessing.get_context("fork")  # no re-import per child: many kills in a few seconds
+    for _ in range(20):
+        ready, child_end = fork.Pipe()
+        child = fork.Process(target=_promote_forever, args=(registry, state, child_end))
+        child.start()
+        assert ready.poll(30) and ready.recv() == "ready"
+        time.sleep(rng.uniform(0.01, 0.3))
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+        assert child.exitcode == -signal.SIGKILL
+        pointer = promotion(registry, "clip")  # parses: old or new, never a mixture
+        assert pointer is not None and pointer.version in (1, 2) and pointer.reason.startswith("kill test")
+        assert get_version(registry, "clip", pointer.version).location.endswith(str(pointer.version))
+        saved = read_state(state)
+        assert saved.last_version is not None and len(saved.processed) == saved.last_version % 200
+    assert [v.version for v in list_versions(registry, "clip")] == [1, 2]
+
+
+# --- slow: nightly-finetune end to end ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def nightly_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """A Prefect server (loopback), a served catalog, a fixed validation list, and clip@1 promoted (untrained)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from infra.prefect_server import prefect_server
+    from pipeline.catalog import build_openmoji_catalog, read_catalog, serve_directory, write_url_list
+    from training.checkpoint import save_checkpoint
+    from training.model import MODEL_PRESETS, create_model
+    from training.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("nightly")
+    catalog = build_openmoji_catalog(root / "catalog", limit=300)
+    table = read_catalog(catalog)
+    validation = catalog / "val.parquet"  # an image list beside the images: no ingest needed to evaluate
+    pq.write_table(table.filter(pc.equal(table.column("split"), "val")), validation)
+
+    captions = table.column("caption").to_pylist()
+    tokenizer = train_tokenizer(captions, vocab_size=MODEL_PRESETS["tiny"].vocab_size,
+                                context_length=MODEL_PRESETS["tiny"].context_length)
+    base = save_checkpoint(root / "base-model", create_model("tiny"), tokenizer)
+    registry = str(root / "registry")
+    version = register_model(registry, "clip", str(base), config={}, metrics={}, dataset=[], parent=None)
+    promote(registry, "clip", version.version, reason="base model for the test")
+
+    with prefect_server(root / "prefect") as server, serve_directory(catalog) as base_url, \
+            temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        train_list = write_url_list(catalog, base_url, "train", root / "lists" / "train.parquet")
+        yield {"root": root, "registry": registry, "validation": str(validation), "train_list": train_list,
+               "api_url": server.api_url}
+
+
+def _nightly(env: dict, tolerance: float):
+    from flows.nightly import nightly_finetune
+
+    root = env["root"]
+    return nightly_finetune(
+        nightly=NightlyParams(incoming=str(root / "incoming"), validation=env["validation"],
+                              data_root=str(root / "nightly-data"), tolerance=tolerance),
+        train=FinetuneSettings(output=str(root / "runs"), steps=6, warmup_steps=2, batch_size=32, checkpoint_every=3,
+                               loader_workers=1, log_every=3),
+        ingest=IngestSettings(samples_per_shard=64, processes=1, threads=8),
+        evaluation=EvaluationSettings(label_field="group", templates="emoji", batch_size=64),
+        registry={"location": env["registry"], "model_name": "clip"},
+        return_state=True)
+
+
+def _artifacts(flow_run_id) -> dict[str, object]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {a.key: a for a in found}
+
+
+@pytest.mark.slow
+def test_nightly_promotes_refuses_and_has_nothing_to_do(nightly_env: dict) -> None:
+    root, registry = nightly_env["root"], nightly_env["registry"]
+    train_rows = pq.read_table(nightly_env["train_list"])
+    (root / "incoming").mkdir()
+
+    # 1. new data, a tolerance any candidate meets: fine-tuned from clip@1, registered as clip@2 and promoted
+    started = time.monotonic()
+    pq.write_table(train_rows.slice(0, 96), root / "incoming" / "day1.parquet")
+    state = _nightly(nightly_env, tolerance=1.0)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["promoted"] is True and result["lists"] == ["day1.parquet"]
+    assert promoted(registry, "clip").version == 2
+    assert get_version(registry, "clip", 2).parent == "clip@1"
+    report = _artifacts(state.state_details.flow_run_id)["nightly-report"]
+    assert "Promoted clip@2" in report.data
+    print(f"nightly with new data, promoted: {time.monotonic() - started:.0f} s")
+
+    # 2. another list, a tolerance no candidate meets (it must improve by 1.0): registered as clip@3, not promoted
+    pyarrow.csv.write_csv(train_rows.slice(96, 96), root / "incoming" / "day2.csv")
+    state = _nightly(nightly_env, tolerance=-1.0)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["promoted"] is False and result["lists"] == ["day2.csv"]
+    assert promoted(registry, "clip").version == 2  # the old model stays
+    assert get_version(registry, "clip", 3).parent == "clip@2"
+    artifacts = _artifacts(state.state_details.flow_run_id)
+    assert "Kept clip@2" in artifacts["nightly-report"].data
+    assert "keeping the promoted model" in artifacts["nightly-report"].data
+    assert artifacts["nightly-metrics"].type == "table"
+    assert read_state(str(Path(registry) / "clip" / "nightly-state.json")).processed == ["day1.parquet", "day2.csv"]
+
+    # 3. nothing new: a quick Completed run that says so
+    started = time.monotonic()
+    state = _nightly(nightly_env, tolerance=0.0)
+    assert state.is_completed() and state.message.startswith("nothing to do"), state.message
+    assert time.monotonic() - started < 60
+    assert [v.version for v in list_versions(registry, "clip")] == [1, 2, 3]
