@@ -129,13 +129,8 @@ class ClipTrainRegistry(RegistrySettings):
 
 def retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect `retry_condition_fn`: retry every failure except the ones the user must fix."""
-    try:
-        state.result()
-    except (UserError, ValidationError):
-        return False
-    except Exception:  # noqa: BLE001 - anything else may be transient
-        return True
-    return True
+    error = state.result(raise_on_failure=False)  # the exception, not raised again (its traceback stays clean)
+    return not isinstance(error, UserError | ValidationError)
 
 
 def retry_options(retries: int = 2, backoff_seconds: float = 10.0) -> dict[str, Any]:

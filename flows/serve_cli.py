@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import sys
 from pathlib import Path
 
 import click
@@ -42,6 +44,9 @@ def serve(timezone: str, cron: str, nightly_config: str | None, prefect_home: st
     Stop with Ctrl-C: runs in progress are cancelled and the schedules pause.
     """
     nightly_parameters = read_yaml(nightly_config) if nightly_config else None
+    # until Prefect's runner installs its own (graceful) handler, SIGTERM unwinds the stack below, so the local
+    # server started here is stopped too rather than left running
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     with contextlib.ExitStack() as stack:
         if not _configured_api_url():
             from infra.prefect_server import prefect_server

@@ -40,8 +40,9 @@ def train_task(config: TrainConfig) -> TrainResult:
 
     logger = get_run_logger()
     steps = total_steps(config, steps_per_epoch(read_manifest(config.data, config.storage), config.batch_size))
-    logger.info("training preset %s for %d steps (batch %d, %d worker(s)) on %s -> %s, run %s", config.preset, steps,
-                config.batch_size, config.num_workers, config.data, storage.absolute(config.output), run_name(config))
+    model = f"fine-tuning {config.init_from}" if config.init_from else f"training preset {config.preset}"
+    logger.info("%s for %d steps (batch %d, %d worker(s)) on %s -> %s, run %s", model, steps, config.batch_size,
+                config.num_workers, config.data, storage.absolute(config.output), run_name(config))
     started_ray = not ray.is_initialized()
     try:
         with progress_artifact("train-progress", f"steps of run {run_name(config)} checkpointed",

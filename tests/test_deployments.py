@@ -222,3 +222,34 @@ def test_failing_step_fails_the_run_clearly_and_keeps_finished_work(served: Serv
     train = read_manifest(str(served.root / "failing" / "data" / "train"))
     assert train.num_samples > 0 and all(Path(url).exists() for url in train.shard_urls())
     assert list_versions(str(served.root / "registry"), "failing") == []
+
+
+def test_serve_starts_a_local_server_when_none_is_configured(tmp_path: Path) -> None:
+    import threading
+    import urllib.request
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    process = subprocess.Popen([sys.executable, "-m", "flows.serve_cli", "--prefect-home", str(tmp_path / "prefect")],
+                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               stdin=subprocess.DEVNULL, start_new_session=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
+    try:
+        deadline = time.monotonic() + 180
+        ui_url = None
+        while ui_url is None:
+            assert process.poll() is None and time.monotonic() < deadline, "".join(lines)[-4000:]
+            ui_url = next((m.group(1) for line in list(lines) if (m := re.search(r"Prefect UI: (\S+)", line))), None)
+            time.sleep(0.5)
+        assert ui_url.startswith("http://127.0.0.1:")
+        while True:  # the deployments reach the server it started
+            with _client(f"{ui_url}/api") as client:
+                if {"clip-train", "nightly"} <= {d.name for d in client.read_deployments()}:
+                    break
+            assert process.poll() is None and time.monotonic() < deadline, "".join(lines)[-4000:]
+            time.sleep(1)
+    finally:
+        _stop_group(process)
+    with pytest.raises(OSError):  # stopping `clipforge serve` stopped its server
+        urllib.request.urlopen(f"{ui_url}/api/health", timeout=5)

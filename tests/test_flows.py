@@ -198,8 +198,13 @@ def nightly_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     with prefect_server(root / "prefect") as server, serve_directory(catalog) as base_url, \
             temporary_settings(updates={PREFECT_API_URL: server.api_url}):
         train_list = write_url_list(catalog, base_url, "train", root / "lists" / "train.parquet")
-        yield {"root": root, "registry": registry, "validation": str(validation), "train_list": train_list,
-               "api_url": server.api_url}
+        try:
+            yield {"root": root, "registry": registry, "validation": str(validation), "train_list": train_list,
+                   "api_url": server.api_url}
+        finally:
+            from prefect.logging.handlers import APILogHandler
+
+            APILogHandler.flush()  # send the last run logs while the server still answers
 
 
 def _nightly(env: dict, tolerance: float):
@@ -225,6 +230,36 @@ def _artifacts(flow_run_id) -> dict[str, object]:
         found = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
     return {a.key: a for a in found}
+
+
+@pytest.mark.slow
+def test_transient_failures_are_retried_and_user_errors_are_not(nightly_env: dict) -> None:
+    from prefect import flow, task
+
+    from flows.params import retry_options
+
+    calls = {"transient": 0, "user": 0}
+
+    @task(**retry_options(retries=2, backoff_seconds=0))
+    def flaky_download() -> str:
+        calls["transient"] += 1
+        if calls["transient"] < 3:
+            raise ConnectionResetError("connection reset by peer")
+        return "ok"
+
+    @task(**retry_options(retries=2, backoff_seconds=0))
+    def misconfigured() -> None:
+        calls["user"] += 1
+        raise UserError("URL list x.parquet does not exist")
+
+    @flow
+    def steps() -> None:
+        assert flaky_download() == "ok"
+        misconfigured()
+
+    state = steps(return_state=True)
+    assert state.is_failed() and "URL list x.parquet does not exist" in state.message
+    assert calls == {"transient": 3, "user": 1}  # two retries, then success; the user error fails at once
 
 
 @pytest.mark.slow
