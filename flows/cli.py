@@ -32,19 +32,22 @@ def cli() -> None:
 
 @cli.command()
 @click.option("--workdir", default=".clipforge", show_default=True, type=click.Path(file_okay=False),
-              help="Folder for the catalog, URL lists and shards (the embedded local storage).")
+              help="Folder for everything the demo writes: catalog, shards, runs, registry, Prefect's database.")
 @click.option("--port", default=18765, show_default=True, type=int,
               help="Loopback port the catalog is served on while it is ingested.")
-def demo(workdir: str, port: int) -> None:
-    """The main job on embedded defaults: the bundled OpenMoji catalog, served over loopback HTTP, ingested into
-    WebDataset shards under WORKDIR. Re-running resumes or reuses finished work."""
+@click.option("--epochs", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Training epochs over the catalog's train split (about a minute each on 2 CPU cores).")
+def demo(workdir: str, port: int, epochs: int) -> None:
+    """The main job on embedded defaults: the bundled OpenMoji catalog, served over loopback HTTP, through the
+    clip-train flow (ingest, train the small preset on a local Ray, evaluate, brand scoring, register) with a local
+    Prefect server that the demo starts and stops. Re-running it reuses finished work."""
     from flows.demo import run_demo
-    from pipeline.cli import format_summary
 
-    result = run_demo(workdir, port=port)
-    for split, manifest in result.datasets.items():
-        click.echo(f"--- {split}")
-        click.echo(format_summary(manifest.summary, manifest.location))
+    result = run_demo(workdir, port=port, epochs=epochs)
+    click.echo(f"model:        {result.version} at {result.model}")
+    click.echo(f"report:       {result.report}")
+    click.echo(f"brand report: {result.brand_report}")
+    click.echo(f"training run: {result.run} (tensorboard --logdir {result.run}/tensorboard)")
 
 
 def _register() -> None:

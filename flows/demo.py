@@ -1,8 +1,13 @@
 """The main job on the embedded defaults: `clipforge demo` (README's first command).
 
-Builds the bundled OpenMoji catalog, serves it over loopback HTTP exactly as the web would serve it, and ingests the
-train and validation splits into WebDataset shards under `.clipforge/` (a local folder: the embedded storage
-default). Re-running it resumes or reuses what is already there.
+1. render the bundled OpenMoji catalog and serve it over loopback HTTP, exactly as the web would serve it;
+2. start a local Prefect server (SQLite under `.clipforge/prefect`), so the run shows up in its UI;
+3. run the `clip-train` flow: ingest train and val lists -> train the `small` preset on a local Ray started on
+   demand -> zero-shot evaluation and retrieval on val -> brand scoring -> register (and promote) the model;
+4. stop the server and print where the report and the model are.
+
+Everything lands in a local folder (the embedded storage default). Re-running it reuses finished work: the catalog,
+the shards and the Ray Train run are picked up where they are.
 """
 
 from __future__ import annotations
@@ -10,28 +15,51 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline import storage
 from pipeline.catalog import build_openmoji_catalog, serve_directory, write_url_list
-from pipeline.ingest import IngestConfig, ingest
-from pipeline.manifest import Manifest
 
 DEMO_PORT = 18_765  # fixed, so the URL lists (and so the ingest fingerprints) are the same on every re-run
 
 
 @dataclass(frozen=True)
 class DemoResult:
-    catalog: Path
-    datasets: dict[str, Manifest]
+    model: str
+    """The registered model version's folder."""
+    version: str
+    """name@version in the registry."""
+    report: str
+    """The evaluation's HTML report."""
+    brand_report: str
+    run: str
+    """The training run's folder (checkpoints, metrics.jsonl, tensorboard)."""
 
 
-def run_demo(workdir: str | Path = ".clipforge", image_size: int = 64, port: int = DEMO_PORT,
-             progress: bool = True) -> DemoResult:
-    workdir = Path(workdir)
-    catalog = build_openmoji_catalog(workdir / "catalog" / "openmoji", image_size=image_size)
-    datasets = {}
-    with serve_directory(catalog, port=port) as base_url:
-        for split in ("train", "val"):
-            url_list = write_url_list(catalog, base_url, split, workdir / "lists" / f"openmoji-{split}.parquet")
-            config = IngestConfig(urls=str(url_list), output=str(workdir / "data" / f"openmoji-{split}"),
-                                  image_size=image_size, samples_per_shard=256, min_success_rate=0.95)
-            datasets[split] = ingest(config, progress=progress)
-    return DemoResult(catalog=catalog, datasets=datasets)
+def run_demo(workdir: str | Path = ".clipforge", port: int = DEMO_PORT, epochs: int = 4,
+             preset: str = "small") -> DemoResult:
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
+
+    from flows.clip_train import clip_train
+    from flows.params import ClipTrainRegistry, EvaluationSettings, IngestParams, TrainSettings
+    from infra.prefect_server import prefect_server
+
+    workdir = Path(workdir).resolve()
+    catalog = build_openmoji_catalog(workdir / "catalog" / "openmoji", image_size=64)
+    run = workdir / "runs" / "demo"
+    with prefect_server(workdir / "prefect") as server, serve_directory(catalog, port=port) as base_url:
+        print(f"Prefect UI: {server.ui_url} (open while the demo runs; `python -m infra.prefect_server "
+              f"--home {workdir / 'prefect'}` shows the finished run later)")
+        lists = {split: write_url_list(catalog, base_url, split, workdir / "lists" / f"openmoji-{split}.parquet")
+                 for split in ("train", "val")}
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url, PREFECT_SERVER_ANALYTICS_ENABLED: False}):
+            version = clip_train(
+                ingest=IngestParams(train_urls=str(lists["train"]), val_urls=str(lists["val"]),
+                                    output=str(workdir / "data" / "openmoji"), image_size=64, samples_per_shard=256,
+                                    min_success_rate=0.95),
+                train=TrainSettings(output=str(run), preset=preset, epochs=epochs, batch_size=128, lr=5e-4,
+                                    warmup_steps=20, checkpoint_every=50),
+                evaluation=EvaluationSettings(label_field="group", templates="emoji"),
+                registry=ClipTrainRegistry(location=str(workdir / "registry"), model_name="openmoji-clip"),
+            )
+    return DemoResult(model=version.location, version=version.ref,
+                      report=storage.join(str(run), "eval", "report.html"),
+                      brand_report=storage.join(str(run), "brand", "scores", "report.html"), run=str(run))
