@@ -12,11 +12,17 @@ the shards and the Ray Train run are picked up where they are.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import storage
 from pipeline.catalog import build_openmoji_catalog, serve_directory, write_url_list
+from pipeline.errors import UserError
 
 DEMO_PORT = 18_765  # fixed, so the URL lists (and so the ingest fingerprints) are the same on every re-run
 
@@ -36,30 +42,46 @@ class DemoResult:
 
 def run_demo(workdir: str | Path = ".clipforge", port: int = DEMO_PORT, epochs: int = 4,
              preset: str = "small") -> DemoResult:
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
-
-    from flows.clip_train import clip_train
-    from flows.params import ClipTrainRegistry, EvaluationSettings, IngestParams, TrainSettings
     from infra.prefect_server import prefect_server
 
     workdir = Path(workdir).resolve()
     catalog = build_openmoji_catalog(workdir / "catalog" / "openmoji", image_size=64)
-    run = workdir / "runs" / "demo"
     with prefect_server(workdir / "prefect") as server, serve_directory(catalog, port=port) as base_url:
-        print(f"Prefect UI: {server.ui_url} (open while the demo runs; `python -m infra.prefect_server "
-              f"--home {workdir / 'prefect'}` shows the finished run later)")
-        lists = {split: write_url_list(catalog, base_url, split, workdir / "lists" / f"openmoji-{split}.parquet")
+        print(f"Prefect UI: {server.ui_url} (while the demo runs; afterwards `python -m infra.prefect_server "
+              f"--home {workdir / 'prefect'}` shows the finished run)")
+        lists = {split: str(write_url_list(catalog, base_url, split, workdir / "lists" / f"openmoji-{split}.parquet"))
                  for split in ("train", "val")}
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url, PREFECT_SERVER_ANALYTICS_ENABLED: False}):
-            version = clip_train(
-                ingest=IngestParams(train_urls=str(lists["train"]), val_urls=str(lists["val"]),
-                                    output=str(workdir / "data" / "openmoji"), image_size=64, samples_per_shard=256,
-                                    min_success_rate=0.95),
-                train=TrainSettings(output=str(run), preset=preset, epochs=epochs, batch_size=128, lr=5e-4,
-                                    warmup_steps=20, checkpoint_every=50),
-                evaluation=EvaluationSettings(label_field="group", templates="emoji"),
-                registry=ClipTrainRegistry(location=str(workdir / "registry"), model_name="openmoji-clip"),
-            )
-    return DemoResult(model=version.location, version=version.ref,
-                      report=storage.join(str(run), "eval", "report.html"),
-                      brand_report=storage.join(str(run), "brand", "scores", "report.html"), run=str(run))
+        spec = {"workdir": str(workdir), "lists": lists, "epochs": epochs, "preset": preset}
+        with tempfile.TemporaryDirectory(prefix="clipforge-demo-") as scratch:
+            spec_file, result_file = Path(scratch, "spec.json"), Path(scratch, "result.json")
+            spec_file.write_text(json.dumps(spec))
+            # the flow runs in its own process, against the server: it exits (flushing its logs and events to the
+            # server) before the server stops
+            child = subprocess.run([sys.executable, "-c", "from flows.demo import run_flow; run_flow()",
+                                    str(spec_file), str(result_file)], env={**os.environ, **server.env()})
+            if child.returncode != 0:
+                raise UserError(f"the clip-train flow run failed (exit status {child.returncode}); its logs are above "
+                                f"and in the Prefect UI; re-running `clipforge demo` resumes it")
+            return DemoResult(**json.loads(result_file.read_text()))
+
+
+def run_flow() -> None:
+    """Child process: `run_flow SPEC.json RESULT.json` runs clip-train on the demo's settings."""
+    from flows.clip_train import clip_train
+    from flows.params import ClipTrainRegistry, EvaluationSettings, IngestParams, TrainSettings
+
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    workdir, run = Path(spec["workdir"]), Path(spec["workdir"]) / "runs" / "demo"
+    version = clip_train(
+        ingest=IngestParams(train_urls=spec["lists"]["train"], val_urls=spec["lists"]["val"],
+                            output=str(workdir / "data" / "openmoji"), image_size=64, samples_per_shard=256,
+                            min_success_rate=0.95),
+        train=TrainSettings(output=str(run), preset=spec["preset"], epochs=spec["epochs"], batch_size=128, lr=5e-4,
+                            warmup_steps=20, checkpoint_every=50),
+        evaluation=EvaluationSettings(label_field="group", templates="emoji"),
+        registry=ClipTrainRegistry(location=str(workdir / "registry"), model_name="openmoji-clip"),
+    )
+    result = DemoResult(model=version.location, version=version.ref,
+                        report=storage.join(str(run), "eval", "report.html"),
+                        brand_report=storage.join(str(run), "brand", "scores", "report.html"), run=str(run))
+    Path(sys.argv[2]).write_text(json.dumps(result.__dict__))
