@@ -204,7 +204,7 @@ def nightly_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         finally:
             from prefect.logging.handlers import APILogHandler
 
-            APILogHandler.flush()  # send the last run logs while the server still answers
+            APILogHandler().flush()  # send the last run logs while the server still answers
 
 
 def _nightly(env: dict, tolerance: float):
