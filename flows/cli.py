@@ -51,11 +51,12 @@ def demo(workdir: str, port: int, epochs: int) -> None:
 
 
 def _register() -> None:
+    from flows.serve_cli import commands as serve_commands
     from pipeline.cli import commands as pipeline_commands
     from training.cli import commands as training_commands
     from training.eval_cli import commands as eval_commands
 
-    for command in [*pipeline_commands, *training_commands, *eval_commands]:
+    for command in [*pipeline_commands, *training_commands, *eval_commands, *serve_commands]:
         cli.add_command(command)
 
 
