@@ -113,7 +113,7 @@ def clip_train(
         dataset=[d.location for d in datasets.values()], parent=None, storage_config=train.storage)
     current = promoted(registry.location, registry.model_name, train.storage)
     if registry.promote == "always" or (registry.promote == "first" and current is None):
-        reason = "first version of the model" if current is None else f"clip-train with promote=always"
+        reason = "first version of the model" if current is None else "clip-train with promote=always"
         promote_task(registry.location, registry.model_name, version.version, reason, train.storage)
         promotion_note = f"promoted {version.ref}: {reason}"
     else:

@@ -29,6 +29,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from infra.processes import pid_alive, stop_group
+
 DEFAULT_ACCESS_KEY = "clipforge-dev"
 DEFAULT_SECRET_KEY = "clipforge-dev-secret"
 DEFAULT_BUCKETS = ("clipforge",)
@@ -89,13 +91,13 @@ class SeaweedFS:
     def running(self) -> bool:
         if self.process is not None:
             return self.process.poll() is None
-        return _pid_alive(self.pid)
+        return pid_alive(self.pid)
 
     def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
         """SIGTERM the server's process group, SIGKILL it after `grace` seconds. Safe to call twice."""
         if not self._stopped:
             self._stopped = True  # signal the group once: its id may be reused by someone else later
-            _stop_group(self.pid, self.process, grace)
+            stop_group(self.pid, self.process, grace)
 
     def __enter__(self) -> SeaweedFS:
         return self
@@ -303,52 +305,6 @@ def _log_tail(handle: SeaweedFS, lines: int = 40) -> str:
             text = path.read_text(errors="replace").splitlines()[-lines:]
             parts.append(f"--- {path} (last {len(text)} lines) ---\n" + "\n".join(text))
     return ("\n" + "\n".join(parts)) if parts else f" (no log in {logs})"
-
-
-# --- stopping -------------------------------------------------------------------------------------------------------
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _stop_group(pid: int, process: subprocess.Popen[bytes] | None, grace: float) -> None:
-    """SIGTERM the process group led by `pid`, SIGKILL it after `grace` seconds, and reap the leader."""
-    if process is None and not _pid_alive(pid):
-        return
-    if process is None or process.poll() is None:
-        _signal_group(pid, signal.SIGTERM)
-        if not _wait_exit(pid, process, grace):
-            _signal_group(pid, signal.SIGKILL)
-            _wait_exit(pid, process, grace)
-    # anything the leader started is still in the group (and keeps the group id from being reused): end it too
-    _signal_group(pid, signal.SIGKILL)
-
-
-def _signal_group(pid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)  # the group id is the leader's pid (start_new_session=True)
-
-
-def _wait_exit(pid: int, process: subprocess.Popen[bytes] | None, timeout: float) -> bool:
-    if process is not None:
-        try:
-            process.wait(timeout=timeout)
-            return True
-        except subprocess.TimeoutExpired:
-            return False
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _pid_alive(pid):
-            return True
-        time.sleep(0.1)
-    return False
 
 
 # --- command line ---------------------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ import torch.multiprocessing as mp
 
 from tests.shards import write_dataset, write_tokenizer
 from training.checkpoint import load_weights, read_state
-from training.loss import clip_loss
 from training.model import create_model
 from training.train import TrainConfig, contrastive_step, learning_rate, parameter_groups, train_loop
 
