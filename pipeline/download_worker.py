@@ -32,6 +32,7 @@ import img2dataset.downloader
 import img2dataset.logger
 from PIL import Image
 
+from pipeline.cluster import ray_init_kwargs
 from pipeline.failures import Fault
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -164,6 +165,8 @@ class BoundedDownloader(img2dataset.downloader.Downloader):
         _limits = self.limits
         if self.tie_to_parent:
             die_with_parent()
+        else:  # a Ray task: say where it ran (the driver's log collects these lines)
+            print(f"clipforge: shard {row[0]} downloaded by ray task pid {os.getpid()} on {os.uname().nodename}")
         return super().__call__(row)
 
 
@@ -188,7 +191,7 @@ def main() -> None:
     if ray_address:
         import ray
 
-        ray.init(address=ray_address, log_to_driver=False)
+        ray.init(log_to_driver=True, include_dashboard=False, **ray_init_kwargs(ray_address))
         spec["distributor"] = "ray"
         BoundedDownloader.tie_to_parent = False  # Ray workers belong to the raylet, not to us
     i2d_main = sys.modules["img2dataset.main"]  # the package re-exports a function named `main` over the module

@@ -20,6 +20,7 @@ from pipeline import storage
 from pipeline.catalog import build_openmoji_catalog, serve_directory, write_url_list
 from pipeline.ingest import IngestConfig, ingest
 from pipeline.manifest import read_manifest
+from tests.raycluster import free_port, in_group, ray_node, stop_node
 from training.data import steps_per_epoch
 
 pytestmark = pytest.mark.slow
@@ -91,52 +92,17 @@ def test_two_ray_workers_on_seaweedfs(shards: str, s3_env: str) -> None:
 # a 2-node cluster on loopback
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ray_node(args: list[str], temp_dir: str, env: dict) -> subprocess.Popen:
-    """`ray start --block` in its own process group: stopping it (by its pid) stops that node and nothing else."""
-    ray = str(Path(sys.executable).with_name("ray"))
-    return subprocess.Popen([ray, "start", "--block", "--num-cpus=1", "--disable-usage-stats",
-                             f"--temp-dir={temp_dir}", *args], start_new_session=True, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    group = [p for p in psutil.process_iter() if _in_group(p, process.pid)]
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            break
-        _, alive = psutil.wait_procs(group, timeout=wait)
-        if not alive:
-            break
-
-
-def _in_group(process: psutil.Process, group: int) -> bool:
-    try:
-        return os.getpgid(process.pid) == group
-    except (ProcessLookupError, psutil.Error):
-        return False
-
-
 def test_two_node_cluster_joined_by_address(shards: str, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     head_dir, worker_dir = tempfile.mkdtemp(prefix="cfh"), tempfile.mkdtemp(prefix="cfw")  # short socket paths
     # the cluster's own token, so that a ~/.ray/auth_token left on this machine neither enables nor breaks auth
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(16).hex()}
-    head = _ray_node(["--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--include-dashboard=false"],
+    head = ray_node(["--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--include-dashboard=false"],
                      head_dir, env)
     nodes = [head]
     try:
         time.sleep(8)  # the worker node needs the head's GCS
-        nodes.append(_ray_node([f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1"], worker_dir, env))
+        nodes.append(ray_node([f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1"], worker_dir, env))
         output = str(tmp_path / "run")
         result = None
         for _ in range(3):  # the worker node may take a few seconds to register
@@ -152,9 +118,9 @@ def test_two_node_cluster_joined_by_address(shards: str, tmp_path: Path) -> None
         assert len({r["node_id"] for r in records}) == 2, "the two workers ran on the two nodes"
     finally:
         for node in reversed(nodes):
-            _stop(node)
+            stop_node(node)
     for node in nodes:
-        assert not [p for p in psutil.process_iter() if _in_group(p, node.pid)], "a node we started is still running"
+        assert not [p for p in psutil.process_iter() if in_group(p, node.pid)], "a node we started is still running"
 
 
 # ---------------------------------------------------------------------------------------------------------------------

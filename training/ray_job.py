@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from pipeline import storage
+from pipeline.cluster import ray_init_kwargs
 from pipeline.errors import UserError
 from pipeline.manifest import Manifest, read_manifest
 from training.checkpoint import MODEL_CONFIG_FILE, MODEL_FILE, STATE_FILE, open_checkpoint, upload_checkpoint
@@ -175,13 +176,6 @@ def write_logs(checkpoint_dir: Path, config: TrainConfig) -> None:
             fs.put(str(Path(scratch)) + "/", path, recursive=True)
 
 
-def _loopback(address: str | None) -> dict[str, str]:
-    """A cluster addressed on loopback registered its nodes there: this driver must find its raylet there too
-    (Ray otherwise looks for a raylet on the machine's network address, ray-project/ray#59110)."""
-    host = (address or "").rsplit(":", 1)[0]
-    return {"_node_ip_address": "127.0.0.1"} if host in ("127.0.0.1", "localhost") else {}
-
-
 def run_training(config: TrainConfig) -> TrainResult:
     """Train on Ray (local on demand, or the cluster at `config.ray_address`); returns the exported model."""
     import ray  # ray
@@ -193,8 +187,8 @@ def run_training(config: TrainConfig) -> TrainResult:
     name = run_name(config)
     worker_env = storage.subprocess_env(config.storage)
     if not ray.is_initialized():  # ray: join the cluster, or start a local one on demand
-        ray.init(address=config.ray_address, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": worker_env} if worker_env else None, **_loopback(config.ray_address))
+        ray.init(include_dashboard=False, log_to_driver=True, runtime_env={"env_vars": worker_env} if worker_env else None,
+                 **ray_init_kwargs(config.ray_address))
     trainer = TorchTrainer(  # ray
         _train_worker,
         train_loop_config={"config": _worker_config(config), "tokenizer": tokenizer, "threads": _threads(config)},
