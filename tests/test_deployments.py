@@ -103,7 +103,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
 
 
 def _deployment_run(served: Served, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["prefect", "deployment", "run", "clip-train/clip-train", *args], env=served.env,
+    prefect = str(Path(sys.executable).with_name("prefect"))  # the venv's, as a user with it activated runs it
+    return subprocess.run([prefect, "deployment", "run", "clip-train/clip-train", *args], env=served.env,
                           cwd=served.root, capture_output=True, text=True, timeout=120)
 
 
