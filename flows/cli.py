@@ -5,6 +5,7 @@ Errors the user can fix (`UserError`) and invalid configs print one line on stde
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
@@ -12,7 +13,27 @@ import click
 from pipeline.errors import UserError
 
 
+# command name -> the module whose `commands` list holds it; a command's module is imported only when it runs, so
+# `clipforge ingest` does not pay for importing torch, Prefect and matplotlib
+_COMMANDS = {
+    "catalog": "pipeline.cli", "ingest": "pipeline.cli",
+    "model-info": "training.cli", "train": "training.cli",
+    "embed": "training.eval_cli", "evaluate": "training.eval_cli", "brand": "training.eval_cli",
+    "search": "training.eval_cli",
+    "serve": "flows.serve_cli",
+}
+
+
 class _Group(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *_COMMANDS})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in _COMMANDS:
+            module = importlib.import_module(_COMMANDS[name])
+            return next(c for c in module.commands if c.name == name)
+        return super().get_command(ctx, name)
+
     def invoke(self, ctx: click.Context):  # one line and exit 2 for errors the user can fix, never a traceback
         try:
             return super().invoke(ctx)
@@ -48,19 +69,6 @@ def demo(workdir: str, port: int, epochs: int) -> None:
     click.echo(f"report:       {result.report}")
     click.echo(f"brand report: {result.brand_report}")
     click.echo(f"training run: {result.run} (tensorboard --logdir {result.run}/tensorboard)")
-
-
-def _register() -> None:
-    from flows.serve_cli import commands as serve_commands
-    from pipeline.cli import commands as pipeline_commands
-    from training.cli import commands as training_commands
-    from training.eval_cli import commands as eval_commands
-
-    for command in [*pipeline_commands, *training_commands, *eval_commands, *serve_commands]:
-        cli.add_command(command)
-
-
-_register()
 
 
 def main() -> None:

@@ -378,7 +378,10 @@ def _watch(child, fs, path, num_shards, started, max_duration, progress) -> None
     with tqdm(total=num_shards, initial=done, unit="shard", desc="ingest", disable=not progress,
               dynamic_ncols=True) as bar:
         while child.poll() is None:
-            time.sleep(1.0)
+            try:
+                child.wait(timeout=1.0)  # returns as soon as the child ends
+            except subprocess.TimeoutExpired:
+                pass
             now = len(_finished_shards(fs, path))
             bar.update(now - bar.n)
             if max_duration is not None and time.monotonic() - started > max_duration:
