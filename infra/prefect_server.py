@@ -31,7 +31,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infra.processes import pid_alive, stop_group
+from infra.processes import ServerHandle, wait_until_stopped
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 4200
@@ -55,7 +55,7 @@ class PrefectServerError(RuntimeError):
 
 
 @dataclass
-class PrefectServer:
+class PrefectServer(ServerHandle):
     """A running `prefect server start`: where its API and UI answer, its home folder, and how to stop it."""
 
     port: int
@@ -93,22 +93,7 @@ class PrefectServer:
         """True when `GET /api/health` answers `true`."""
         return _health(self.api_url, timeout)
 
-    def running(self) -> bool:
-        if self.process is not None:
-            return self.process.poll() is None
-        return pid_alive(self.pid)
-
-    def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
-        """SIGTERM the server's process group, SIGKILL it after `grace` seconds. Safe to call twice."""
-        if not self._stopped:
-            self._stopped = True  # signal the group once: its id may be reused by someone else later
-            stop_group(self.pid, self.process, grace)
-
-    def __enter__(self) -> PrefectServer:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+    stop_grace = STOP_GRACE_SECONDS
 
 
 def start_prefect_server(
@@ -281,16 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"# UI: {server.ui_url}")
     print("# in another shell:")
     print(server.exports(), flush=True)
-    print("# Ctrl-C to stop", flush=True)
-    try:
-        while not stop_requested.wait(1.0):
-            if not server.running():
-                print(f"error: Prefect server exited (code {_exit_code(server)}){_log_tail(server)}", file=sys.stderr)
-                return 1
-    finally:
-        server.stop()
-    print("# stopped", flush=True)
-    return 0
+    return wait_until_stopped(server, "Prefect server", stop_requested,
+                              lambda: f" (code {_exit_code(server)}){_log_tail(server)}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,10 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
+import threading
 import time
+from collections.abc import Callable
 
 
 def pid_alive(pid: int) -> bool:
@@ -54,3 +57,43 @@ def wait_exit(pid: int, process: subprocess.Popen[bytes] | None, timeout: float)
             return True
         time.sleep(0.1)
     return False
+
+
+def wait_until_stopped(server, name: str, stop_requested: threading.Event, describe_exit: Callable[[], str]) -> int:
+    """Block until Ctrl-C/SIGTERM sets `stop_requested` (exit status 0) or the server dies on its own (1, with
+    `describe_exit()` on stderr); stop the server either way. The foreground mode of `python -m infra.*`."""
+    print("# Ctrl-C to stop", flush=True)
+    try:
+        while not stop_requested.wait(1.0):
+            if not server.running():
+                print(f"error: {name} exited{describe_exit()}", file=sys.stderr)
+                return 1
+    finally:
+        server.stop()
+    print("# stopped", flush=True)
+    return 0
+
+
+class ServerHandle:
+    """What the handles of `infra/` servers share (a mixin for dataclasses with `pid`, `process` and `_stopped`):
+    liveness, stopping by process group, and use as a context manager. `stop_grace` is each server's own."""
+
+    stop_grace: float = 5.0
+
+    def running(self) -> bool:
+        if self.process is not None:
+            return self.process.poll() is None
+        return pid_alive(self.pid)
+
+    def stop(self, grace: float | None = None) -> None:
+        """SIGTERM the server's process group, SIGKILL it after `grace` seconds. Safe to call twice."""
+        if not self._stopped:
+            self._stopped = True  # signal the group once: its id may be reused by someone else later
+            stop_group(self.pid, self.process, self.stop_grace if grace is None else grace)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+

@@ -29,7 +29,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infra.processes import pid_alive, stop_group
+from infra.processes import ServerHandle, wait_until_stopped
 
 DEFAULT_ACCESS_KEY = "clipforge-dev"
 DEFAULT_SECRET_KEY = "clipforge-dev-secret"
@@ -58,7 +58,7 @@ def weed_binary() -> str:
 
 
 @dataclass
-class SeaweedFS:
+class SeaweedFS(ServerHandle):
     """A running `weed mini`: where S3 answers, the keys it accepts, and how to stop it."""
 
     endpoint_url: str
@@ -88,22 +88,7 @@ class SeaweedFS:
         """A boto3 S3 client signed with this server's keys (or another secret, to check it is refused)."""
         return _client(self.endpoint_url, self.access_key, secret_key or self.secret_key, self.region)
 
-    def running(self) -> bool:
-        if self.process is not None:
-            return self.process.poll() is None
-        return pid_alive(self.pid)
-
-    def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
-        """SIGTERM the server's process group, SIGKILL it after `grace` seconds. Safe to call twice."""
-        if not self._stopped:
-            self._stopped = True  # signal the group once: its id may be reused by someone else later
-            stop_group(self.pid, self.process, grace)
-
-    def __enter__(self) -> SeaweedFS:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+    stop_grace = STOP_GRACE_SECONDS
 
 
 def start_seaweedfs(
@@ -363,16 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"# buckets: {', '.join(server.buckets)}; data and logs in {server.workdir}")
     print("# in another shell:")
     print(server.exports(), flush=True)
-    print("# Ctrl-C to stop", flush=True)
-    try:
-        while not stop_requested.wait(1.0):
-            if not server.running():
-                print(f"error: SeaweedFS exited (code {_exit_code(server)}){_log_tail(server)}", file=sys.stderr)
-                return 1
-    finally:
-        server.stop()
-    print("# stopped", flush=True)
-    return 0
+    return wait_until_stopped(server, "SeaweedFS", stop_requested,
+                              lambda: f" (code {_exit_code(server)}){_log_tail(server)}")
 
 
 if __name__ == "__main__":
