@@ -81,7 +81,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         cli(prog_name="clipforge", standalone_mode=False)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, click.exceptions.Abort):  # click turns Ctrl-C into Abort
         click.echo("interrupted: everything this command started is stopped; re-run the same command to resume",
                    err=True)
         sys.exit(130)
@@ -90,9 +90,6 @@ def main() -> None:
     except click.ClickException as err:
         err.show()
         sys.exit(err.exit_code)
-    except click.exceptions.Abort:
-        click.echo("Aborted!", err=True)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

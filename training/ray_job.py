@@ -216,6 +216,27 @@ def _show_progress(queue: Any, display: ProgressDisplay, stop: threading.Event) 
             return
 
 
+def _fit(trainer: Any) -> Any:
+    """`trainer.fit()` on a helper thread, so that Ctrl-C and SIGTERM reach this process as KeyboardInterrupt and
+    unwind it (taking down the local Ray): on the main thread, Ray Train installs a SIGINT handler of its own that
+    ends the process with its own exit status and leaves our clean-up unrun."""
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()  # ray
+        except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)  # short waits: the main thread stays interruptible
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
 def run_training(config: TrainConfig) -> TrainResult:
     """Train on Ray (local on demand, or the cluster at `config.ray_address`); returns the exported model."""
     import ray.train  # ray
@@ -252,7 +273,7 @@ def run_training(config: TrainConfig) -> TrainResult:
             ),
         )
         try:
-            result = trainer.fit()  # ray
+            result = _fit(trainer)
         except Exception as err:  # noqa: BLE001 - Ray wraps worker errors; show the root cause in one line
             cause = err
             while cause.__cause__ is not None:
