@@ -39,6 +39,7 @@ def serve(timezone: str, cron: str, nightly_config: str | None, prefect_home: st
 
     \b
     Then, from another shell with the same PREFECT_API_URL:
+      prefect deployment run clip-train/clip-train      (no parameters: the main job on the embedded defaults)
       prefect deployment run clip-train/clip-train --params '{"ingest": {"train_urls": "...", "val_urls": "..."}}'
       prefect deployment run clip-train/clip-train --param train='{"preset": "tiny", "steps": 50}' ...
     Stop with Ctrl-C: runs in progress are cancelled and the schedules pause.

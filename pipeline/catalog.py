@@ -275,12 +275,12 @@ def _render_svg(job: tuple[str, str, int]) -> tuple[str, str | None]:
 def _render_all(jobs: list[tuple[str, str, int]], num_workers: int) -> dict[str, str]:
     """Render every job; returns {PNG path: error} for those that failed."""
     if num_workers <= 1 or len(jobs) < 64:  # a pool's start-up costs more than a few dozen renders
-        results = [_render_svg(job) for job in tqdm(jobs, desc="rendering", unit="img")]
+        results = [_render_svg(job) for job in tqdm(jobs, desc="rendering", unit="img", disable=None)]
     else:
         # spawn: safe when the caller has threads (a Prefect task, a server); each worker imports cairosvg once
         with multiprocessing.get_context("spawn").Pool(num_workers) as pool:
             results = list(tqdm(pool.imap_unordered(_render_svg, jobs, chunksize=32),
-                                total=len(jobs), desc="rendering", unit="img"))
+                                total=len(jobs), desc="rendering", unit="img", disable=None))  # terminals only
     return {png_path: error for png_path, error in results if error}
 
 
@@ -445,7 +445,7 @@ def build_synthetic_catalog(output_dir: str | os.PathLike, count: int = 512, ima
 
     rng = random.Random(seed)
     rows: dict[str, list[Any]] = defaultdict(list)
-    for index in tqdm(range(count), desc="drawing", unit="img"):
+    for index in tqdm(range(count), desc="drawing", unit="img", disable=None):
         shape = rng.choice(SHAPES)
         colour = rng.choice(list(COLOURS))
         background = rng.choice([c for c in COLOURS if c != colour])

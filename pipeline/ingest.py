@@ -375,7 +375,7 @@ def _kill_group(child: subprocess.Popen) -> None:
 def _watch(child, fs, path, num_shards, started, max_duration, progress) -> None:
     """Show shard progress until the child ends; stop it past `max_duration`."""
     done = len(_finished_shards(fs, path))
-    with tqdm(total=num_shards, initial=done, unit="shard", desc="ingest", disable=not progress,
+    with tqdm(total=num_shards, initial=done, unit="shard", desc="ingest", disable=None if progress else True,
               dynamic_ncols=True) as bar:
         while child.poll() is None:
             try:

@@ -22,6 +22,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 RUN_TIMEOUT = 600
+DEMO_TIMEOUT = 1500  # the whole main job; 8 minutes on a quiet 2-core machine, far more while CI shares it
 
 
 @dataclass
@@ -102,10 +103,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             _stop_group(process)
 
 
-def _deployment_run(served: Served, *args: str) -> subprocess.CompletedProcess:
+def _deployment_run(served: Served, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     prefect = str(Path(sys.executable).with_name("prefect"))  # the venv's, as a user with it activated runs it
     return subprocess.run([prefect, "deployment", "run", "clip-train/clip-train", *args], env=served.env,
-                          cwd=served.root, capture_output=True, text=True, timeout=120)
+                          cwd=served.root, capture_output=True, text=True, timeout=timeout)
 
 
 def _start(served: Served, parameters: dict) -> str:
@@ -186,6 +187,23 @@ def test_clip_train_deployment_end_to_end(served: Served) -> None:
     for key in ("ingest-progress", "train-progress"):
         assert any(a.type == "progress" and float(a.data) == 100.0 for a in by_key[key]), key
     assert {"ingest-summary", "train-metrics", "evaluation-metrics", "brand-scores"} <= set(by_key)
+
+
+def test_a_run_with_no_parameters_runs_the_main_job_on_the_embedded_defaults(served: Served) -> None:
+    """`prefect deployment run clip-train/clip-train` with nothing else (the UI's Quick run) is the demo: the bundled
+    catalog served over loopback, the demo's settings, everything under `.clipforge` of the serving process."""
+    from pipeline.registry import promoted
+
+    run = _deployment_run(served, "--watch", "--watch-timeout", str(DEMO_TIMEOUT), timeout=DEMO_TIMEOUT + 60)
+    assert run.returncode == 0 and "Completed" in run.stdout, run.stdout + run.stderr + served.log_tail()
+    workdir = served.root / ".clipforge"
+    version = promoted(str(workdir / "registry"), "openmoji-clip")
+    assert version is not None
+    assert version.config["train"]["preset"] == "small" and version.config["ingest"]["train_urls"].startswith("http")
+    assert version.config["runtime"]["device"] == "cpu"
+    assert version.metrics["retrieval.text_to_image.R@10"] > 0.1  # chance is 0.025 on the 402 validation emoji
+    phases = json.loads((workdir / "runs" / "demo" / "phases.json").read_text())
+    assert list(phases) == ["catalog", "ingest", "train", "evaluate", "brand", "register"]
 
 
 def test_invalid_parameters_are_rejected_with_the_field_named(served: Served) -> None:

@@ -364,7 +364,7 @@ def embed_samples(model: CLIP, samples: Iterable[Sample], batch_size: int = 128,
                 vectors[index] = vector
             pending.clear()
 
-    with tqdm(samples, total=total, desc="embedding", unit="img", disable=not progress) as bar:
+    with tqdm(samples, total=total, desc="embedding", unit="img", disable=None if progress else True) as bar:  # None: terminals only
         for sample in bar:
             extra = {k: v for k, v in sample.metadata.items() if k not in RESERVED_COLUMNS}
             row = {"key": sample.key, "error": sample.error, "caption": sample.caption, "source": sample.source,
