@@ -9,7 +9,8 @@ commands: list[click.Command] = []
 
 
 @click.command("model-info")
-@click.argument("preset", type=click.Choice(["tiny", "small", "vit-b-32", "vit-b-16", "vit-l-14"]))
+@click.argument("preset", type=click.Choice(["tiny", "small", "vit-b-32", "vit-b-16", "vit-l-14", "openai-vit-b-32",
+                                             "openai-vit-b-16", "openai-vit-l-14", "openai-vit-l-14-336"]))
 def model_info(preset: str) -> None:
     """Print a model preset's shape, parameters per tower and forward FLOPs per image-caption pair."""
     from training.model import MODEL_PRESETS, create_model, flops_per_sample, parameter_counts

@@ -49,7 +49,7 @@ class TrainConfig(Config):
     """Where the run writes checkpoints, metrics and the final model: a folder or s3://bucket/prefix."""
 
     preset: str = "small"
-    """Model preset: tiny (tests), small (CPU demo), vit-b-32, vit-b-16, vit-l-14."""
+    """Model preset: tiny (tests), small (CPU demo), vit-b-32, vit-b-16, vit-l-14, openai-vit-b-32 (QuickGELU), ..."""
 
     init_from: str | None = None
     """Fine-tune: start from this checkpoint (its weights, model shape and tokenizer), with this run's own schedule."""
