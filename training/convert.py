@@ -4,10 +4,11 @@
                                   checkpoint (.pt/.bin/.safetensors, with or without `state_dict` / `module.`, or an
                                   open_clip folder: open_clip_config.json + weights), a Hugging Face `CLIPModel`
                                   folder (config.json + model.safetensors or pytorch_model.bin) -> (CLIP, Tokenizer)
-    import_checkpoint(SOURCE, OUT)  the same, written as a clipforge checkpoint (`training/checkpoint.py`)
-    export_open_clip(CKPT, DIR)   open_clip_config.json + open_clip_model.safetensors (+ tokenizer files):
+    import_checkpoint(config)     the same, written as a clipforge checkpoint (`clipforge import`)
+    export_checkpoint(config)     `clipforge export --format open_clip|hf`:
+    export_open_clip(...)         open_clip_config.json + open_clip_model.safetensors (+ tokenizer files):
                                   `open_clip.create_model("local-dir:DIR")`, or a built-in name with `pretrained=FILE`
-    export_hf(CKPT, DIR)          config.json + model.safetensors + tokenizer and preprocessor files:
+    export_hf(...)                config.json + model.safetensors + tokenizer and preprocessor files:
                                   `transformers.CLIPModel.from_pretrained(DIR)`
 
 The model shape is read from the weights (as OpenAI's `build_model` does) or from the folder's config. The only thing
@@ -25,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Literal
@@ -32,8 +34,10 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.config import Config
 from pipeline.errors import UserError
-from training.checkpoint import load_model, save_checkpoint
+from pipeline.storage import StorageConfig
+from training.checkpoint import load_model, save_checkpoint, upload_checkpoint
 from training.model import CLIP, ModelConfig
 from training.tokenizer import Tokenizer, clip_tokenizer, clip_vocabulary
 from training.transforms import MEAN, STD
@@ -45,6 +49,35 @@ OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS = "open_clip_config.json", "open_clip_model.
 HF_CONFIG, HF_WEIGHTS = "config.json", "model.safetensors"
 _OPEN_CLIP_WEIGHT_FILES = (OPEN_CLIP_WEIGHTS, "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
                            "open_clip_pytorch_model.pth")
+
+
+
+class ImportConfig(Config):
+    """`clipforge import`: a released CLIP's weights -> a clipforge checkpoint."""
+
+    source: str
+    """Local file or folder: OpenAI's .pt (TorchScript or state dict), an open_clip .pt/.bin/.safetensors or folder,
+    a Hugging Face CLIPModel folder (config.json + weights)."""
+    output: str
+    """Where the clipforge checkpoint goes: a folder or s3://bucket/prefix."""
+    activation: Literal["auto", "gelu", "quick_gelu"] = "auto"
+    """MLP activation. auto: QuickGELU for OpenAI's files, the config's for open_clip / HF folders, else GELU."""
+    storage: StorageConfig = StorageConfig()
+    """How to reach object storage for an s3:// output."""
+
+
+class ExportConfig(Config):
+    """`clipforge export`: a clipforge checkpoint -> a folder open_clip or Hugging Face transformers loads."""
+
+    checkpoint: str
+    """The clipforge checkpoint: a folder or s3://bucket/prefix."""
+    format: Literal["open_clip", "hf"] = "hf"
+    """open_clip: open_clip_config.json + open_clip_model.safetensors; hf: a transformers CLIPModel folder."""
+    output: str
+    """Local folder to write (created)."""
+    storage: StorageConfig = StorageConfig()
+    """How to reach object storage for an s3:// checkpoint."""
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # names: clipforge <-> OpenAI / open_clip <-> Hugging Face (rules applied in order to each clipforge name)
@@ -264,11 +297,20 @@ def read_source(source: str | Path, activation: Activation | None = None) -> tup
     return model.eval(), clip_tokenizer(config.context_length), info
 
 
-def import_checkpoint(source: str | Path, output: str | Path, activation: Activation | None = None) -> dict[str, Any]:
-    """Write the released CLIP at `source` as a clipforge checkpoint at `output`; returns what was read."""
-    model, tokenizer, info = read_source(source, activation)
-    save_checkpoint(output, model, tokenizer, state={"imported_from": info})
-    return {**info, "output": str(output), "config": model.config.model_dump()}
+def import_checkpoint(config: ImportConfig) -> dict[str, Any]:
+    """Write the released CLIP at `config.source` as a clipforge checkpoint at `config.output`; returns what was read."""
+    model, tokenizer, info = read_source(config.source, None if config.activation == "auto" else config.activation)
+    with tempfile.TemporaryDirectory(prefix="clipforge-import-") as scratch:
+        local = save_checkpoint(Path(scratch) / "model", model, tokenizer, state={"imported_from": info})
+        output = upload_checkpoint(local, config.output, config.storage)
+    return {**info, "output": output, "config": model.config.model_dump()}
+
+
+def export_checkpoint(config: ExportConfig) -> Path:
+    """Write the checkpoint in the asked format; returns the output folder."""
+    model, tokenizer = load_model(config.checkpoint, config.storage)
+    write = export_open_clip if config.format == "open_clip" else export_hf
+    return write(model, tokenizer, config.output)
 
 
 def is_released_source(location: str) -> bool:
@@ -303,10 +345,9 @@ def _write_tokenizer_files(tokenizer: Tokenizer, directory: Path, model_config: 
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
-def export_open_clip(checkpoint: str, output: str | Path) -> Path:
+def export_open_clip(model: CLIP, tokenizer: Tokenizer, output: str | Path) -> Path:
     """An open_clip folder: `create_model("local-dir:OUTPUT")`, or `create_model(NAME, pretrained=OUTPUT/
     open_clip_model.safetensors)` with the built-in NAME of the same shape (e.g. ViT-B-32-quickgelu)."""
-    model, tokenizer = load_model(checkpoint)
     config, output = model.config, Path(output)
     output.mkdir(parents=True, exist_ok=True)
     save_file(to_openai(model.state_dict()), output / OPEN_CLIP_WEIGHTS)
@@ -326,9 +367,8 @@ def export_open_clip(checkpoint: str, output: str | Path) -> Path:
     return output
 
 
-def export_hf(checkpoint: str, output: str | Path) -> Path:
+def export_hf(model: CLIP, tokenizer: Tokenizer, output: str | Path) -> Path:
     """A Hugging Face folder: `transformers.CLIPModel.from_pretrained(OUTPUT)`, `CLIPProcessor` likewise."""
-    model, tokenizer = load_model(checkpoint)
     config, output = model.config, Path(output)
     output.mkdir(parents=True, exist_ok=True)
     save_file(to_hf(model.state_dict()), output / HF_WEIGHTS, metadata={"format": "pt"})
