@@ -35,10 +35,11 @@ from training.train import TrainConfig
 
 @task(name="register-model", **retry_options())
 def register_task(registry: str, name: str, model: str, config: dict[str, Any], metrics: dict[str, Any],
-                  dataset: list[str], parent: str | None, storage_config: StorageConfig | None = None) -> ModelVersion:
+                  dataset: list[str], parent: str | None, storage_config: StorageConfig | None = None,
+                  mixing_weight: float | None = None) -> ModelVersion:
     """Copy the exported model into the next version of `name`, with its lineage."""
     version = register_model(registry, name, model, config=config, metrics=metrics, dataset=dataset, parent=parent,
-                             storage_config=storage_config)
+                             storage_config=storage_config, mixing_weight=mixing_weight)
     get_run_logger().info("registered %s at %s (parent: %s)", version.ref, version.location, parent or "none")
     return version
 
