@@ -111,6 +111,11 @@ def _torchscript_archive(state: dict[str, torch.Tensor], path: Path) -> None:
     torch.jit.script(root).save(str(path))
 
 
+def _import_and_compare(source: Path, output: Path, images, tokens, expected) -> None:
+    import_checkpoint(ImportConfig(source=str(source), output=str(output)))
+    _assert_close(_ours(output, images, tokens), expected)
+
+
 def _round_trip(checkpoint: Path, tmp_path: Path, images, tokens, expected) -> None:
     """Export to both formats and load each in its own library: the same embeddings again."""
     open_clip, transformers = import_open_clip(), import_transformers()
@@ -142,8 +147,7 @@ def test_openai_torchscript_and_plain_files_import_exactly(shape: str, tmp_path:
     assert read_state(tmp_path / "ours")["tokenizer"] == "clip-bpe"
     if shape == "small":
         torch.save(state, tmp_path / "plain.pt")  # the same weights as a plain state dict
-        import_checkpoint(ImportConfig(source=str(tmp_path / "plain.pt"), output=str(tmp_path / "plain")))
-        _assert_close(_ours(tmp_path / "plain", images, tokens), expected)
+        _import_and_compare(tmp_path / "plain.pt", tmp_path / "plain", images, tokens, expected)
         _round_trip(tmp_path / "ours", tmp_path, images, tokens, expected)
 
 
@@ -162,8 +166,7 @@ def test_open_clip_checkpoints_import_exactly(shape: str, tmp_path: Path):
     _assert_close(_ours(tmp_path / "ours", images, tokens), expected)
     if shape == "small":
         save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "model.safetensors")
-        import_checkpoint(ImportConfig(source=str(tmp_path / "model.safetensors"), output=str(tmp_path / "st")))
-        _assert_close(_ours(tmp_path / "st", images, tokens), expected)
+        _import_and_compare(tmp_path / "model.safetensors", tmp_path / "st", images, tokens, expected)
         _round_trip(tmp_path / "ours", tmp_path, images, tokens, expected)
 
 
@@ -174,8 +177,7 @@ def test_hugging_face_folders_import_exactly(shape: str, tmp_path: Path):
     reference.save_pretrained(tmp_path / "hf-source")
     images, tokens = _inputs(SHAPES[shape]["vision_cfg"]["image_size"])
     expected = _hf_outputs(reference, images, tokens)
-    import_checkpoint(ImportConfig(source=str(tmp_path / "hf-source"), output=str(tmp_path / "ours")))
-    _assert_close(_ours(tmp_path / "ours", images, tokens), expected)
+    _import_and_compare(tmp_path / "hf-source", tmp_path / "ours", images, tokens, expected)
     _round_trip(tmp_path / "ours", tmp_path, images, tokens, expected)
 
 
