@@ -74,6 +74,9 @@ def main() -> None:
             ingest=IngestSettings(samples_per_shard=512, processes=1, threads=8),
             evaluation=EvaluationSettings(label_field="group", templates="emoji", batch_size=128, report=False),
             registry={"location": registry, "model_name": "clip"})
+    import ray
+
+    ray.shutdown()  # the local Ray the fine-tune started: without this the interpreter can hang at exit
     print(json.dumps({"seconds": round(time.monotonic() - started), "promoted": result["promoted"],
                       "reason": result["reason"], "mixing_weight": result["wise_ft"]["mixing_weight"],
                       "grid": [{k: p[k] for k in ("mixing_weight", "domain", "guardrail")}
