@@ -127,6 +127,8 @@ def _round_trip(checkpoint: Path, tmp_path: Path, images, tokens, expected) -> N
     _assert_close(_hf_outputs(hf, images, tokens), expected)
     hf_tokens = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")(CAPTIONS[:2])["input_ids"]
     assert hf_tokens == [[i for i in row if i] for row in tokens[:2].tolist()]  # same ids, unpadded
+    for exported in ("oc", "hf"):  # and both exports import back (open_clip's folder layout included)
+        _import_and_compare(tmp_path / exported, tmp_path / f"back-{exported}", images, tokens, expected)
 
 
 @pytest.mark.parametrize("shape", ["small", pytest.param("vit-b-32", marks=pytest.mark.slow)])

@@ -244,51 +244,51 @@ def _unwrap_state(loaded: dict[str, Any]) -> dict[str, torch.Tensor]:
     return state
 
 
-def detect_format(source: str | Path) -> SourceFormat:
-    """Which layout `source` (file or folder) holds."""
+def _read_weights(source: str | Path) -> tuple[SourceFormat, Path, dict[str, torch.Tensor]]:
+    """Which layout `source` (file or folder) holds, its weights file, and its state dict (read once)."""
     path = Path(source)
     if path.is_dir():
         if (path / OPEN_CLIP_CONFIG).exists():
-            return "open_clip"
-        if (path / HF_CONFIG).exists():
-            return "hf"
-        raise UserError(f"{path} is neither a Hugging Face CLIPModel folder (config.json) nor an open_clip one "
-                        f"({OPEN_CLIP_CONFIG})")
+            source_format: SourceFormat = "open_clip"
+            weights = next((path / n for n in _OPEN_CLIP_WEIGHT_FILES if (path / n).exists()), None)
+        elif (path / HF_CONFIG).exists():
+            source_format = "hf"
+            weights = next((path / n for n in (HF_WEIGHTS, "pytorch_model.bin") if (path / n).exists()), None)
+        else:
+            raise UserError(f"{path} is neither a Hugging Face CLIPModel folder (config.json) nor an open_clip one "
+                            f"({OPEN_CLIP_CONFIG})")
+        if weights is None:
+            raise UserError(f"{path} holds no single {source_format} weights file (sharded weights are not supported)")
+        return source_format, weights, _unwrap_state(_load_tensors(weights))
     if not path.is_file():
         raise UserError(f"{source} does not exist")
     state = _unwrap_state(_load_tensors(path))
-    if any(k.startswith("vision_model.") for k in state):
-        return "hf"
-    return "openai" if "input_resolution" in state else "open_clip"
+    if any(k.startswith("vision_model.") for k in state):  # HF weights: config.json must lie beside them
+        return "hf", path, state
+    return ("openai" if "input_resolution" in state else "open_clip"), path, state
+
+
+def detect_format(source: str | Path) -> SourceFormat:
+    """Which layout `source` (file or folder) holds."""
+    return _read_weights(source)[0]
 
 
 def read_source(source: str | Path, activation: Activation | None = None) -> tuple[CLIP, Tokenizer, dict[str, Any]]:
     """The model and tokenizer held by a released-CLIP `source`, and what was read (format, activation, file)."""
     path = Path(source)
-    source_format = detect_format(path)
+    source_format, weights, raw = _read_weights(path)
     if source_format == "hf":
-        folder = path if path.is_dir() else path.parent
-        config = config_from_hf(json.loads((folder / HF_CONFIG).read_text()))
+        config = config_from_hf(json.loads((weights.parent / HF_CONFIG).read_text()))
         if activation:
             config = config.derive(activation=activation)
-        weights = path if path.is_file() else next(
-            (folder / n for n in (HF_WEIGHTS, "pytorch_model.bin") if (folder / n).exists()), None)
-        if weights is None:
-            raise UserError(f"{folder} holds no {HF_WEIGHTS} or pytorch_model.bin (sharded weights are not supported)")
-        state = from_hf(_unwrap_state(_load_tensors(weights)), config)
+        state = from_hf(raw, config)
     else:
         if path.is_dir():  # an open_clip folder: its config says whether the model uses QuickGELU
             model_cfg = json.loads((path / OPEN_CLIP_CONFIG).read_text()).get("model_cfg", {})
             activation = activation or ("quick_gelu" if model_cfg.get("quick_gelu") else "gelu")
-            weights = next((path / n for n in _OPEN_CLIP_WEIGHT_FILES if (path / n).exists()), None)
-            if weights is None:
-                raise UserError(f"{path} holds no open_clip weights ({', '.join(_OPEN_CLIP_WEIGHT_FILES)})")
-        else:
-            weights = path
-        raw = _unwrap_state(_load_tensors(weights))
         activation = activation or ("quick_gelu" if source_format == "openai" else "gelu")
         raw = {k: v for k, v in raw.items() if k not in ("input_resolution", "context_length", "vocab_size",
-                                                         "attn_mask")}
+                                                         "attn_mask")}  # OpenAI's metadata, a non-weight buffer
         config = config_from_openai(raw, activation)
         state = from_openai(raw, config)
     model = CLIP(config)
