@@ -113,3 +113,16 @@ def test_clipforge_train_init_from_a_released_file_with_lock_image(released, sha
                            "--output", str(tmp_path / "eval"), "--label-field", "colour", "--templates", "shapes")
     assert evaluation.returncode == 0, evaluation.stderr[-2000:]
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["zero_shot"]["num_classes"] == 8
+
+
+def test_clip_bpe_is_a_named_choice_for_from_scratch_runs(tmp_path: Path):
+    from pipeline.errors import UserError
+    from training.ray_job import prepare_tokenizer, validate
+    from training.tokenizer import Tokenizer
+
+    with pytest.raises(UserError, match="49,408"):  # the tiny preset has 1,024 token embeddings
+        validate(TrainConfig(data=str(tmp_path), preset="tiny", tokenizer="clip-bpe"))
+    config = TrainConfig(data=str(tmp_path), output=str(tmp_path / "run"), preset="openai-vit-b-32",
+                         tokenizer="clip-bpe")
+    tokenizer = Tokenizer.load(prepare_tokenizer(config, manifest=None))
+    assert (tokenizer.kind, tokenizer.vocab_size, tokenizer.context_length) == ("clip-bpe", 49408, 77)
