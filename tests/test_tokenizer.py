@@ -102,11 +102,12 @@ def _generated_captions(count: int, seed: int = 0) -> list[str]:
 
 
 def test_clip_bpe_gives_open_clips_ids_on_10000_captions():
-    from pipeline.catalog import _list_openmoji
+    from pipeline.catalog import _fluent_drawings, _list_emoji, _openmoji_drawings
     from tests.references import import_open_clip
 
     open_clip = import_open_clip()
-    bundled = [entry["caption"] for entry in _list_openmoji()[0]]
+    bundled = [entry["caption"] for drawings in (_openmoji_drawings, _fluent_drawings)
+               for entry in _list_emoji(drawings()[0])[0]]  # both bundled catalogs' captions
     captions = bundled + _generated_captions(10_000 - len(bundled) + 500)
     assert len(captions) >= 10_000
     ours = clip_tokenizer().encode_batch(captions)
