@@ -1,8 +1,10 @@
 """The `brand-score` flow: build a brand profile from approved images, then score images against it
 (`training.brand`), as a Prefect run.
 
-With `build` empty the flow scores against the profile already at `score.profile`. The UI shows the verdict counts
-(table artifact); scores.parquet, summary.json and report.html lie under `score.output`.
+With `build` empty the flow scores against the profile already at `score.profile`. The UI shows the profile's
+held-out ROC curve with its operating point (markdown artifact; a profile under its AUC floor logs a warning) and
+the verdict counts (table artifact); scores.parquet, summary.json and report.html (ROC, histograms, explanations)
+lie under `score.output`.
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.params import retry_options
 from training.brand import BrandBuildConfig, BrandScoreConfig, build_profile, score_images
+from training.report import roc_plot
 
 
 @task(name="build-brand-profile", **retry_options())
@@ -22,8 +25,21 @@ def build_profile_task(config: BrandBuildConfig) -> dict[str, Any]:
     logger = get_run_logger()
     logger.info("building a brand profile from %s with %s -> %s", config.images, config.model, config.output)
     profile = build_profile(config, progress=False)
-    logger.info("profile: %d fit and %d held-out images", profile.info["fit_images"], profile.info["heldout_images"])
-    return profile.info
+    info = profile.info
+    logger.info("profile: %d approved, %d references; held-out ROC AUC %.3f; threshold %.4f at false-accept rate "
+                "%.3f, expected false-reject rate %.3f", info["approved_images"], info["reference_images"],
+                info["auc"], info["threshold"], info["heldout_false_accept_rate"], info["expected_false_reject_rate"])
+    if info["warning"]:
+        logger.warning("WARNING: %s", info["warning"])
+    fpr, tpr = info["roc"]["false_accept_rate"], info["roc"]["true_accept_rate"]
+    operating = (info["heldout_false_accept_rate"], 1 - info["expected_false_reject_rate"])
+    create_markdown_artifact(
+        (f"**WARNING: {info['warning']}**\n\n" if info["warning"] else "")
+        + f"held-out ROC AUC **{info['auc']:.3f}**; on-brand at probability >= {info['threshold']:.4f} "
+        f"(false-accept rate {operating[0]:.3f}, expected false-reject rate {1 - operating[1]:.3f})\n\n"
+        f"![held-out ROC]({roc_plot(fpr, tpr, info['auc'], operating, info['min_auc'])})",
+        key="brand-profile-roc", description=f"Brand profile {config.output}")
+    return info
 
 
 @task(name="score-brand-images", **retry_options())
@@ -37,7 +53,8 @@ def score_task(config: BrandScoreConfig) -> dict[str, Any]:
 
 
 def summary_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    keys = ("scored", "on-brand", "off-brand", "error", "threshold_percentile", "threshold_cosine")
+    keys = ("scored", "on-brand", "off-brand", "error", "threshold", "profile_auc", "target_false_accept_rate",
+            "expected_false_reject_rate")
     return [{"item": key, "value": summary[key]} for key in keys if key in summary]
 
 

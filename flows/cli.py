@@ -18,7 +18,7 @@ from pipeline.errors import UserError
 # `clipforge ingest` does not pay for importing torch, Prefect and matplotlib
 _COMMANDS = {
     "catalog": "pipeline.cli", "ingest": "pipeline.cli",
-    "model-info": "training.cli", "train": "training.cli",
+    "model-info": "training.cli", "train": "training.cli", "import": "training.cli", "export": "training.cli",
     "embed": "training.eval_cli", "evaluate": "training.eval_cli", "brand": "training.eval_cli",
     "search": "training.eval_cli",
     "serve": "flows.serve_cli",

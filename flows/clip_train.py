@@ -41,10 +41,11 @@ from training.train import TrainConfig
 
 @task(name="register-model", **retry_options())
 def register_task(registry: str, name: str, model: str, config: dict[str, Any], metrics: dict[str, Any],
-                  dataset: list[str], parent: str | None, storage_config: StorageConfig | None = None) -> ModelVersion:
+                  dataset: list[str], parent: str | None, storage_config: StorageConfig | None = None,
+                  mixing_weight: float | None = None) -> ModelVersion:
     """Copy the exported model into the next version of `name`, with its lineage."""
     version = register_model(registry, name, model, config=config, metrics=metrics, dataset=dataset, parent=parent,
-                             storage_config=storage_config)
+                             storage_config=storage_config, mixing_weight=mixing_weight)
     get_run_logger().info("registered %s at %s (parent: %s)", version.ref, version.location, parent or "none")
     return version
 
@@ -161,8 +162,10 @@ def clip_train(
             brand_summary = brand_score_flow(
                 score=BrandScoreConfig(profile=profile, images=brand.images or datasets["val"].location,
                                        output=storage.join(run_output, "brand", "scores"), model=result.model,
-                                       threshold_percentile=brand.threshold_percentile, storage=train.storage),
+                                       storage=train.storage),
                 build=BrandBuildConfig(model=result.model, images=datasets["train"].location, output=profile,
+                                       references=brand.references,
+                                       target_false_accept_rate=brand.target_false_accept_rate,
                                        holdout_fraction=brand.holdout_fraction, min_images=brand.min_images,
                                        storage=train.storage),
             )
@@ -215,5 +218,7 @@ def report_markdown(version: ModelVersion, result: Any, datasets: dict[str, Any]
                   "", "## Brand scoring", "",
                   f"{brand_summary['on-brand']} on-brand, {brand_summary['off-brand']} off-brand, "
                   f"{brand_summary['error']} unreadable of {brand_summary['images']} "
-                  f"(threshold: percentile {brand_summary['threshold_percentile']})."]
+                  f"(threshold: probability {brand_summary['threshold']:.3f}; the profile's held-out ROC AUC "
+                  f"{brand_summary['profile_auc']:.3f}).", *([f"**WARNING: {brand_summary['profile_warning']}**"]
+                                                            if brand_summary.get("profile_warning") else [])]
     return "\n".join(lines) + "\n"

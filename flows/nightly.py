@@ -10,12 +10,18 @@ written only at the end of a successful run, atomically (a temporary file and `o
 so a killed or failed run leaves the old state and the next run retries the same lists, reusing their ingest and
 training. With no new list the run ends at once in a Completed state whose message says "nothing to do".
 
+With `domain_validation` (the new catalog's validation set) the candidate is chosen by WiSE-FT: the promoted and the
+fine-tuned weights are mixed over a grid, each mix is evaluated on the domain set and on `validation` (the guardrail),
+and the best mix within the guardrail's tolerance is registered (its mixing weight in the lineage) and promoted only
+if it beats the promoted model on the domain; the report plots both metrics over the grid.
+
 The candidate is registered even when it is not promoted (its lineage names its parent), so a refused fine-tune
 stays inspectable; the run's markdown report says which model is promoted and why.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import io
@@ -46,6 +52,7 @@ from pipeline.registry import ModelVersion, promoted
 from pipeline.storage import StorageConfig
 from training.evaluate import EvaluateConfig
 from training.train import TrainConfig
+from training.wiseft import GridPoint, WiseChoice, choose_mixing_weight, grid_plot, write_grid
 
 URL_LIST_SUFFIXES = (".parquet", ".csv", ".jsonl")
 
@@ -75,6 +82,18 @@ class NightlyParams(Config):
     state: str | None = None
     """State file (processed list names, last run time): a local path or s3:// key. Empty:
     <registry.location>/<registry.model_name>/nightly-state.json."""
+
+    domain_validation: str | None = None
+    """The new catalog's validation set. Set: WiSE-FT. The promoted and the fine-tuned weights are mixed over
+    `mixing_weights`, each mix is evaluated here (domain_metric) and on `validation` (the guardrail, `metric`); the
+    best mix whose guardrail falls by no more than `tolerance` is registered, and promoted only if it beats the
+    promoted model on the domain. Empty: the fine-tuned model is judged on `validation` alone."""
+
+    domain_metric: str | None = None
+    """Metric on domain_validation, a dotted path into metrics.json. Empty: the same as `metric`."""
+
+    mixing_weights: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]
+    """WiSE-FT grid of mixing weights (0: the promoted model, 1: the fine-tuned one; 0 is always included)."""
 
 
 class NightlyState(BaseModel):
@@ -266,21 +285,31 @@ def nightly_finetune(
                                init_from=parent.location)
     result = train_flow(train_config)
 
-    def evaluate(model: str, name: str) -> dict[str, Any]:
-        return evaluate_flow(EvaluateConfig(model=model, data=nightly.validation,
-                                            output=storage.join(run_output, name), **settings_dump(evaluation)))
+    def evaluate(model: str, name: str, data: str = nightly.validation) -> dict[str, Any]:
+        return evaluate_flow(EvaluateConfig(model=model, data=data, output=storage.join(run_output, name),
+                                            **settings_dump(evaluation)))
 
-    candidate_metrics = evaluate(result.model, "eval-candidate")
-    baseline_metrics = evaluate(parent.location, "eval-promoted")
-    promote, reason = promotion_decision(nightly.metric, metric_value(candidate_metrics, nightly.metric),
-                                         metric_value(baseline_metrics, nightly.metric), nightly.tolerance)
+    wise: WiseFtResult | None = None
+    if nightly.domain_validation:  # WiSE-FT: choose a mix of the promoted and the fine-tuned weights
+        wise = wise_ft(parent.location, result.model, nightly, evaluate, run_output, store)
+        candidate, candidate_metrics, baseline_metrics = wise.choice.chosen.model, wise.chosen_metrics, wise.start_metrics
+        promote, reason = wise.choice.promote, wise.choice.reason
+    else:
+        candidate = result.model
+        candidate_metrics = evaluate(result.model, "eval-candidate")
+        baseline_metrics = evaluate(parent.location, "eval-promoted")
+        promote, reason = promotion_decision(nightly.metric, metric_value(candidate_metrics, nightly.metric),
+                                             metric_value(baseline_metrics, nightly.metric), nightly.tolerance)
 
+    domain_metrics = {} if wise is None else {"domain_validation": nightly.domain_validation,
+                                              "domain_metric": wise.domain_metric, "domain": wise.choice.chosen.domain}
     version = register_task(
-        registry.location, registry.model_name, result.model,
+        registry.location, registry.model_name, candidate,
         config={"nightly": nightly.model_dump(mode="json"), "train": train_config.model_dump(mode="json"),
                 "lists": new},
-        metrics={**headline_metrics(candidate_metrics), "validation": nightly.validation},
-        dataset=[dataset.location], parent=parent.ref, storage_config=store)
+        metrics={**headline_metrics(candidate_metrics), "validation": nightly.validation, **domain_metrics},
+        dataset=[dataset.location], parent=parent.ref, storage_config=store,
+        mixing_weight=None if wise is None else wise.choice.chosen.mixing_weight)
     if promote:
         promote_task(registry.location, registry.model_name, version.version, reason, store)
     logger.info("%s %s: %s", "promoted" if promote else "did not promote", version.ref, reason)
@@ -292,11 +321,74 @@ def nightly_finetune(
             for r in metric_rows(candidate_metrics)]
     create_table_artifact(rows, key="nightly-metrics",
                           description=f"{version.ref} vs the promoted {parent.ref} on {nightly.validation}")
-    create_markdown_artifact(
-        nightly_markdown(version, parent, promote, reason, new, dataset.location, result.model, run_output,
-                         metric_rows(candidate_metrics)),
-        key="nightly-report", description=f"{'promoted' if promote else 'kept'}: {reason}")
-    return {"version": version.version, "promoted": promote, "reason": reason, "lists": new}
+    report = nightly_markdown(version, parent, promote, reason, new, dataset.location, result.model, run_output,
+                              metric_rows(candidate_metrics))
+    create_markdown_artifact(report + ("" if wise is None else wise_markdown(wise, nightly)), key="nightly-report",
+                             description=f"{'promoted' if promote else 'kept'}: {reason}")
+    outcome = {"version": version.version, "promoted": promote, "reason": reason, "lists": new}
+    if wise is not None:
+        outcome["wise_ft"] = {"mixing_weight": wise.choice.chosen.mixing_weight,
+                              "grid": [p.model_dump() for p in wise.points], "plot": wise.plot}
+    return outcome
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# WiSE-FT
+
+
+class WiseFtResult(BaseModel):
+    """The grid, the choice, the metrics of the chosen mix and of the start on the guardrail set, the plot."""
+
+    points: list[GridPoint]
+    choice: WiseChoice
+    domain_metric: str
+    chosen_metrics: dict[str, Any]
+    start_metrics: dict[str, Any]
+    plot: str
+    plot_png: bytes
+
+
+@task(name="wise-ft-grid", **retry_options())
+def wise_grid_task(start: str, tuned: str, mixing_weights: list[float], output: str,
+                   config: StorageConfig | None = None) -> dict[float, str]:
+    return write_grid(start, tuned, sorted({0.0, *mixing_weights}), output, config)
+
+
+def wise_ft(start: str, tuned: str, nightly: NightlyParams, evaluate, run_output: str,
+            store: StorageConfig | None) -> WiseFtResult:
+    """Mix, evaluate every mix on both sets, choose; the plot goes to <run_output>/wise-ft.png."""
+    domain_metric = nightly.domain_metric or nightly.metric
+    models = wise_grid_task(start, tuned, nightly.mixing_weights, storage.join(run_output, "wise-ft"), store)
+    guardrail_metrics = {w: evaluate(m, f"wise-ft/eval-guardrail-{w:.2f}") for w, m in models.items()}
+    domain_metrics = {w: evaluate(m, f"wise-ft/eval-domain-{w:.2f}", nightly.domain_validation)
+                      for w, m in models.items()}
+    points = [GridPoint(mixing_weight=w, model=m, domain=metric_value(domain_metrics[w], domain_metric),
+                        guardrail=metric_value(guardrail_metrics[w], nightly.metric)) for w, m in models.items()]
+    for point in points:
+        promotion_decision(nightly.metric, point.guardrail, None, 0)  # a missing metric: one clear UserError
+        promotion_decision(domain_metric, point.domain, None, 0)
+    choice = choose_mixing_weight(points, nightly.tolerance, domain_metric, nightly.metric)
+    png = grid_plot(points, choice, domain_metric, nightly.metric, nightly.tolerance)
+    plot = storage.join(run_output, "wise-ft.png")
+    write_atomically(plot, png, store)
+    get_run_logger().info("WiSE-FT grid: %s; %s", ", ".join(
+        f"{p.mixing_weight:g}: domain {p.domain:.4f} guardrail {p.guardrail:.4f}" for p in points), choice.reason)
+    return WiseFtResult(points=points, choice=choice, domain_metric=domain_metric, plot=plot, plot_png=png,
+                        chosen_metrics=guardrail_metrics[choice.chosen.mixing_weight], start_metrics=guardrail_metrics[0.0])
+
+
+def wise_markdown(wise: WiseFtResult, nightly: NightlyParams) -> str:
+    """The grid as a table and a plot (inline PNG), the chosen mixing weight marked."""
+    rows = [f"| {p.mixing_weight:g}{' (chosen)' if p.mixing_weight == wise.choice.chosen.mixing_weight else ''} "
+            f"| {p.domain:.4f} | {p.guardrail:.4f} |" for p in wise.points]
+    image = base64.b64encode(wise.plot_png).decode()
+    return "\n".join([
+        "", "## WiSE-FT: mixing the promoted and the fine-tuned weights", "",
+        f"Domain: `{wise.domain_metric}` on {nightly.domain_validation}; guardrail: `{nightly.metric}` on "
+        f"{nightly.validation} (tolerance {nightly.tolerance:g}). Mixing weight 0 is the promoted model, 1 the "
+        "fine-tuned one.", "",
+        "| mixing weight | domain | guardrail |", "|---|---|---|", *rows, "",
+        f"![WiSE-FT grid](data:image/png;base64,{image})", "", f"Plot: {location_link(wise.plot)}", ""])
 
 
 def _rounded(value: float | None) -> float | str:

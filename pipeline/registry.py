@@ -83,6 +83,9 @@ class ModelVersion(BaseModel):
     source: str
     """The checkpoint location the files were copied from."""
 
+    mixing_weight: float | None = None
+    """WiSE-FT: the weights are (1 - w) x the parent's + w x the fine-tuned model's; None when not interpolated."""
+
     @property
     def ref(self) -> str:
         """`name@version`, the form a `parent` takes."""
@@ -117,11 +120,13 @@ def register_model(
     dataset: list[str] | str,
     parent: str | None,
     storage_config: StorageConfig | None = None,
+    mixing_weight: float | None = None,
 ) -> ModelVersion:
     """Copy the files at `checkpoint_location` (a folder or one file) into the next version of `name`; return it.
 
     The version becomes visible to `list_versions` only once all its files and its `registration.json` are written.
-    `parent` is `name@version` of the model this one was fine-tuned from, or None. Raises `UserError` for a bad
+    `parent` is `name@version` of the model this one was fine-tuned from, or None; `mixing_weight` the WiSE-FT weight
+    between the parent and the fine-tuned model, when the files are an interpolation. Raises `UserError` for a bad
     name or parent, a missing checkpoint or a storage failure.
     """
     _check_name(name)
@@ -137,6 +142,7 @@ def register_model(
         metrics=metrics,
         parent=parent,
         source=absolute(checkpoint_location),
+        mixing_weight=mixing_weight,
     )
     _registration_json(created)  # fail on a config or metric that is not JSON before copying anything
     files = _checkpoint_files(checkpoint_location, storage_config)

@@ -1,4 +1,5 @@
-"""Tests of brand profiles: calibration, style separation (ROC AUC), and hostile inputs that must become error rows."""
+"""Tests of brand profiles: calibration within a stated error, the threshold at the requested false-accept rate, style
+separation of two emoji vendors (ROC AUC), the low-AUC warning, and hostile inputs that must become error rows."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.catalog import build_openmoji_catalog, read_catalog
+from pipeline.catalog import build_fluent_catalog, build_openmoji_catalog, read_catalog
 from pipeline.errors import UserError
-from training.brand import BrandProfile, fit_profile, load_profile, save_profile, score_embeddings
+from training.brand import (calibration_error, fit_scorer, load_profile, platt_scaling, roc_auc, roc_curve, sigmoid,
+                            threshold_at_false_accept)
 from training.checkpoint import save_checkpoint
 from training.eval_cli import commands
 from training.model import create_model
@@ -25,13 +27,6 @@ from training.tokenizer import train_tokenizer
 from tests.test_evaluate import synthetic_catalog, tiny_checkpoint  # noqa: F401 - shared fixtures
 
 BRAND = next(c for c in commands if c.name == "brand")
-
-
-def roc_auc(positive: np.ndarray, negative: np.ndarray) -> float:
-    """P(a positive scores above a negative), ties counting one half (the Mann-Whitney form of the ROC AUC)."""
-    greater = (positive[:, None] > negative[None, :]).sum()
-    equal = (positive[:, None] == negative[None, :]).sum()
-    return float((greater + 0.5 * equal) / (len(positive) * len(negative)))
 
 
 def png_declaring(width: int, height: int) -> bytes:
@@ -44,88 +39,131 @@ def png_declaring(width: int, height: int) -> bytes:
             + chunk(b"IEND", b""))
 
 
-def test_roc_auc_helper() -> None:
+def test_roc_auc_and_curve() -> None:
     assert roc_auc(np.array([3.0, 4.0]), np.array([1.0, 2.0])) == 1.0
     assert roc_auc(np.array([1.0]), np.array([1.0])) == 0.5
+    assert roc_auc(np.array([1.0, 3.0]), np.array([2.0])) == 0.5
+    fpr, tpr, _ = roc_curve(np.array([0.9, 0.8, 0.3]), np.array([0.7, 0.2]))
+    assert fpr[0] == tpr[0] == 0 and fpr[-1] == tpr[-1] == 1 and np.all(np.diff(fpr) >= 0)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(roc_auc(np.array([0.9, 0.8, 0.3]), np.array([0.7, 0.2])))
 
 
-def test_percentile_is_the_share_of_heldout_images_at_or_below() -> None:
-    profile = BrandProfile(np.array([1.0, 0.0], np.float32), np.array([0.5, 0.6, 0.7, 0.8], np.float32), {"model": "m"})
-    np.testing.assert_allclose(profile.percentile(np.array([0.4, 0.5, 0.65, 0.8, 0.9], np.float32)), [0, 25, 50, 100, 100])
-    assert profile.threshold_cosine(25) == pytest.approx(0.5)
-    assert profile.threshold_cosine(30) == pytest.approx(0.6)
-    assert profile.threshold_cosine(0) == -1.0
-    cosine, percentile, on_brand = score_embeddings(profile, np.array([[0.65, 0.76], [0.4, 0.9]], np.float32), 30,
-                                                    chunk_size=1)
-    np.testing.assert_allclose(cosine, [0.65, 0.4])
-    assert on_brand.tolist() == [True, False]
+def two_classes(rng: np.random.Generator, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """40% positives, 20-d Gaussians whose means differ by 0.35 per dimension: overlapping (AUC ~0.9)."""
+    labels = (rng.random(count) < 0.4).astype(np.float64)
+    return rng.normal(size=(count, 20)) + 0.35 * labels[:, None], labels
 
 
-def test_profile_round_trip(tmp_path: Path) -> None:
+def test_held_out_probabilities_are_calibrated_within_three_points() -> None:
+    # The build's own steps: scorer on the fit part, Platt on the held-out part; then new data from the same mix.
     rng = np.random.default_rng(0)
-    emb = rng.normal(size=(20, 8)).astype(np.float32)
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    held_out = np.arange(20) % 4 == 0
-    profile = fit_profile(emb, held_out, {"model": "somewhere"})
-    assert np.linalg.norm(profile.centroid) == pytest.approx(1, abs=1e-6)
-    assert len(profile.heldout_similarities) == 5 and np.all(np.diff(profile.heldout_similarities) >= 0)
-    save_profile(profile, str(tmp_path / "profile"))
-    loaded = load_profile(str(tmp_path / "profile"))
-    np.testing.assert_array_equal(loaded.centroid, profile.centroid)
-    assert loaded.info["model"] == "somewhere" and loaded.info["heldout_images"] == 5
-    with pytest.raises(UserError, match="not a brand profile"):
-        load_profile(str(tmp_path))
+    x, y = two_classes(rng, 3000)
+    fit = np.arange(3000) % 5 != 0
+    mean, scale, weights, bias, _ = fit_scorer(x[fit], y[fit], [str(i) for i in np.flatnonzero(fit)], seed=0)
+
+    def logits(features: np.ndarray) -> np.ndarray:
+        return ((features - mean) / scale) @ weights + bias
+
+    a, b = platt_scaling(logits(x[~fit]), y[~fit])
+    new_x, new_y = two_classes(rng, 20000)
+    calibrated = sigmoid(a * logits(new_x) + b)
+    raw = sigmoid(logits(new_x))  # the class-balanced scorer before calibration: it assumes a 50/50 mix
+    error, raw_error = calibration_error(calibrated, new_y), calibration_error(raw, new_y)
+    print(f"\nexpected calibration error on new data: {error:.4f} calibrated, {raw_error:.4f} raw")
+    assert error < 0.03 < raw_error
+    assert roc_auc(calibrated[new_y == 1], calibrated[new_y == 0]) > 0.85
+
+
+@pytest.mark.parametrize("rate", [0.01, 0.05, 0.2])
+def test_threshold_accepts_at_most_the_requested_share_of_references(rate: float) -> None:
+    rng = np.random.default_rng(1)
+    approved, references = rng.normal(1.0, 1.0, 500), rng.normal(-1.0, 1.0, 2000)
+    threshold, false_accept, false_reject = threshold_at_false_accept(approved, references, rate)
+    assert false_accept == (references >= threshold).mean() <= rate
+    assert (references >= references[references < threshold].max()).mean() > rate  # the lowest such threshold
+    assert false_reject == (approved < threshold).mean()
+    fresh = rng.normal(-1.0, 1.0, 50000)  # new references from the same distribution: near the requested rate
+    assert abs((fresh >= threshold).mean() - rate) < 3 * np.sqrt(rate * (1 - rate) / len(references)) + 1 / 2000
+    assert threshold_at_false_accept(approved, references, 0.0)[1] == 0.0
 
 
 @pytest.fixture(scope="module")
-def openmoji(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_openmoji_catalog(tmp_path_factory.mktemp("openmoji"), limit=300)
+def vendors(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]]:
+    """The first 300 emoji of both bundled vendors as image folders, by vendor and split."""
+    root = tmp_path_factory.mktemp("vendors")
+    folders: dict[str, dict[str, Path]] = {}
+    for vendor, build in (("openmoji", build_openmoji_catalog), ("fluent", build_fluent_catalog)):
+        catalog = build(root / f"{vendor}-catalog", limit=300)
+        for row in read_catalog(catalog).to_pylist():
+            folder = folders.setdefault(vendor, {}).setdefault(row["split"], root / vendor / row["split"])
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.copy(catalog / row["image"], folder / f"{vendor}-{Path(row['image']).name}")
+    return folders
 
 
 @pytest.fixture(scope="module")
-def random_tiny_checkpoint(openmoji: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An untrained `tiny` CLIP: its random image features already tell the two styles apart (checked below)."""
+def random_tiny_checkpoint(vendors: dict[str, dict[str, Path]], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained `tiny` CLIP: its random early-block features already carry line and palette."""
     import torch
 
-    captions = read_catalog(openmoji).column("caption").to_pylist()
     torch.manual_seed(0)
     return save_checkpoint(tmp_path_factory.mktemp("random") / "tiny", create_model("tiny").eval(),
-                           train_tokenizer(captions, vocab_size=1024, context_length=32))
+                           train_tokenizer(["a flat emoji", "a drawing"], vocab_size=1024, context_length=32))
 
 
-def test_profile_scores_its_own_style_above_another(openmoji: Path, synthetic_catalog: Path,  # noqa: F811
-                                                    random_tiny_checkpoint: Path, tmp_path: Path) -> None:
-    approved, candidates = tmp_path / "approved", tmp_path / "candidates"
-    approved.mkdir()
-    candidates.mkdir()
-    for row in read_catalog(openmoji).to_pylist():  # OpenMoji train split: the brand; its val split: new on-brand work
-        target = approved if row["split"] == "train" else candidates
-        shutil.copy(openmoji / row["image"], target / f"emoji-{Path(row['image']).name}")
-    for row in read_catalog(synthetic_catalog).to_pylist()[:60]:  # another style: shapes on textured backgrounds
-        shutil.copy(synthetic_catalog / row["image"], candidates / f"shape-{Path(row['image']).name}")
-
+def test_profile_tells_one_vendor_from_another_and_explains_its_scores(vendors: dict[str, dict[str, Path]],
+                                                                       random_tiny_checkpoint: Path,
+                                                                       tmp_path: Path) -> None:
     runner = CliRunner()
-    built = runner.invoke(BRAND, ["build", "--model", str(random_tiny_checkpoint), "--images", str(approved),
-                                  "--output", str(tmp_path / "profile")])
+    built = runner.invoke(BRAND, ["build", "--model", str(random_tiny_checkpoint),
+                                  "--images", str(vendors["openmoji"]["train"]),
+                                  "--references", str(vendors["fluent"]["train"]), "--output", str(tmp_path / "profile"),
+                                  "--guidelines", "a flat emoji with a thin black outline",
+                                  "--target-false-accept-rate", "0.1"])
     assert built.exit_code == 0, built.output
+    assert "ROC AUC" in built.output and "WARNING" not in built.output
     info = json.loads((tmp_path / "profile" / "profile.json").read_text())
-    assert info["model"] == str(random_tiny_checkpoint) and info["heldout_images"] >= 20
+    assert info["auc"] > 0.9 and info["heldout_references"] >= 20 and info["heldout_approved"] >= 20
+    assert info["heldout_false_accept_rate"] <= 0.1 and 0 <= info["expected_false_reject_rate"] < 0.5
+    assert info["feature_count"] == 64 + 2 * 2 * 64 + 1  # embedding, two blocks' mean and std, guideline cosine
+    assert (tmp_path / "profile" / "report.html").is_file()
+
+    candidates = tmp_path / "candidates"
+    for vendor in ("openmoji", "fluent"):  # emoji the profile never saw, in both styles
+        shutil.copytree(vendors[vendor]["val"], candidates, dirs_exist_ok=True)
     scored = runner.invoke(BRAND, ["score", "--profile", str(tmp_path / "profile"), "--images", str(candidates),
                                    "--output", str(tmp_path / "scores")])
     assert scored.exit_code == 0, scored.output
     rows = pq.read_table(tmp_path / "scores" / "scores.parquet").to_pylist()
-    emoji = np.array([r["cosine"] for r in rows if r["key"].startswith("emoji")])
-    shapes = np.array([r["cosine"] for r in rows if r["key"].startswith("shape")])
-    auc = roc_auc(emoji, shapes)
-    on_brand = {kind: np.mean([r["verdict"] == "on-brand" for r in rows if r["key"].startswith(kind)])
-                for kind in ("emoji", "shape")}
-    print(f"\nbrand ROC AUC (OpenMoji val vs synthetic shapes, random-init tiny): {auc:.3f}; "
-          f"on-brand at the 5th percentile: emoji {on_brand['emoji']:.2f}, shapes {on_brand['shape']:.2f}")
-    assert len(emoji) >= 20 and len(shapes) == 60
-    assert auc > 0.8
-    assert on_brand["emoji"] > 0.7 > on_brand["shape"]
-    summary = json.loads((tmp_path / "scores" / "summary.json").read_text())
-    assert summary["scored"] == len(rows) and summary["error"] == 0
+    probability = {v: np.array([r["probability"] for r in rows if r["key"].startswith(v)]) for v in ("openmoji", "fluent")}
+    auc = roc_auc(probability["openmoji"], probability["fluent"])
+    print(f"\nOpenMoji vs Fluent on unseen emoji, random-init tiny: held-out AUC {info['auc']:.3f}, new AUC {auc:.3f}")
+    assert auc > 0.9
+    assert all(0 <= r["probability"] <= 1 and -1 <= r["guideline_cosine"] <= 1 for r in rows)
+    for row in rows:  # each score names its nearest approved (OpenMoji) and nearest off-brand (Fluent) example
+        assert row["nearest_approved"].startswith("openmoji-") and row["nearest_reference"].startswith("fluent-")
+        assert row["nearest_approved_thumbnail"] and row["nearest_reference_thumbnail"]
+    report = (tmp_path / "scores" / "report.html").read_text()
+    assert 'alt="held-out ROC curve"' in report and 'alt="score histograms"' in report
+    assert "nearest off-brand" in report and "expected false-reject rate" in report
+
+
+def test_low_auc_profile_is_written_with_a_loud_warning(vendors: dict[str, dict[str, Path]],
+                                                        random_tiny_checkpoint: Path, tmp_path: Path) -> None:
+    # References in the brand's own style: nothing to tell apart, the held-out AUC is near a coin toss.
+    approved, references = tmp_path / "approved", tmp_path / "references"
+    for index, path in enumerate(sorted(vendors["openmoji"]["train"].glob("*.png"))):
+        target = approved if index % 2 else references
+        target.mkdir(exist_ok=True)
+        shutil.copy(path, target / path.name)
+    built = CliRunner().invoke(BRAND, ["build", "--model", str(random_tiny_checkpoint), "--images", str(approved),
+                                       "--references", str(references), "--output", str(tmp_path / "profile"),
+                                       "--min-auc", "0.8"])
+    assert built.exit_code == 0, built.output  # written anyway: the user decides
+    info = load_profile(str(tmp_path / "profile")).info
+    assert info["auc"] < 0.8 and "under the floor 0.8" in info["warning"]
+    assert "WARNING: held-out ROC AUC" in built.output
+    assert "under the floor" in (tmp_path / "profile" / "report.html").read_text()
 
 
 def test_hostile_files_become_error_rows_and_the_rest_is_scored(synthetic_catalog: Path,  # noqa: F811
@@ -159,10 +197,10 @@ def test_hostile_files_become_error_rows_and_the_rest_is_scored(synthetic_catalo
                 "notes.png": "not_an_image", "cut.png": "corrupt_image"}
     for key, reason in expected.items():
         assert rows[key]["verdict"] == "error" and rows[key]["error"].startswith(reason), rows[key]
-        assert rows[key]["cosine"] is None
+        assert rows[key]["probability"] is None and rows[key]["nearest_approved"] is None
     good = [r for k, r in rows.items() if k not in expected]
     assert len(good) == 6 and all(r["verdict"] in ("on-brand", "off-brand") and r["error"] is None for r in good)
-    assert all(-1 <= r["cosine"] <= 1 and 0 <= r["percentile"] <= 100 for r in good)
+    assert all(0 <= r["probability"] <= 1 and r["nearest_approved"] for r in good)
     summary = json.loads((tmp_path / "scores" / "summary.json").read_text())
     assert summary["error"] == 5 and summary["scored"] == 6
     assert summary["errors_by_reason"] == {"too_many_pixels": 2, "too_large": 1, "not_an_image": 1, "corrupt_image": 1}

@@ -11,6 +11,7 @@ import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -24,6 +25,11 @@ from pipeline.errors import UserError
 @pytest.fixture(scope="module")
 def openmoji_300(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return catalog.build_openmoji_catalog(tmp_path_factory.mktemp("openmoji"), limit=300)
+
+
+@pytest.fixture(scope="module")
+def fluent_300(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return catalog.build_fluent_catalog(tmp_path_factory.mktemp("fluent"), limit=300)
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +88,70 @@ def test_limited_openmoji_rows_are_labelled_and_rendered(openmoji_300: Path) -> 
         assert image.size == (64, 64) and image.mode == "RGB"
     assert "CC BY-SA" in (openmoji_300 / "ATTRIBUTION.md").read_text()
     assert catalog.read_catalog_metadata(openmoji_300)["skipped_unnamed"] > 0
+
+
+def test_limited_fluent_catalog_is_named_labelled_split_and_rendered_like_openmoji(fluent_300: Path,
+                                                                                   openmoji_300: Path) -> None:
+    table = catalog.read_catalog(fluent_300)
+    assert table.column_names == catalog.read_catalog(openmoji_300).column_names
+    rows = table.to_pylist()
+    assert len(rows) == 300 and len({row["group"] for row in rows}) >= 8
+    for row in rows:
+        assert row["caption"] and "_" not in row["caption"] and row["caption"].count(":") <= 1
+        assert row["group"] and row["subgroup"] and row["image"] == f"images/{row['hexcode']}.png"
+    sides = _sides_per_base(rows)
+    assert all(len(s) == 1 for s in sides.values()) and {"train", "val"} == {row["split"] for row in rows}
+    assert any(sum(row["base"] == base for row in rows) >= 5 for base in sides)  # a whole skin-tone family
+    # Same emoji, same caption and labels as OpenMoji: one naming path, matched by code point.
+    openmoji = {catalog.normalise_hexcode(r["hexcode"]): r for r in catalog.read_catalog(openmoji_300).to_pylist()}
+    shared = [r for r in rows if catalog.normalise_hexcode(r["hexcode"]) in openmoji]
+    assert len(shared) > 100  # the same `limit` order picks mostly the same emoji
+    for row in shared:
+        twin = openmoji[catalog.normalise_hexcode(row["hexcode"])]
+        assert (row["caption"], row["group"], row["subgroup"], row["base"]) == \
+            (twin["caption"], twin["group"], twin["subgroup"], twin["base"])
+    with Image.open(fluent_300 / rows[0]["image"]) as image:
+        assert image.size == (64, 64) and image.mode == "RGB"
+        pixels = np.asarray(image)
+        assert (pixels < 250).any() and (pixels == 255).any()  # a drawing on white, not a blank or black square
+    assert "MIT" in (fluent_300 / "ATTRIBUTION.md").read_text()
+    assert "Microsoft" in (fluent_300 / "LICENSE-fluent-emoji.txt").read_text()
+    metadata = catalog.read_catalog_metadata(fluent_300)
+    assert metadata["failed_to_render"] == [] and metadata["skipped_without_code_point"] > 0
+
+
+def test_render_svg_accepts_markup_and_reports_broken_svg_as_an_error(tmp_path: Path) -> None:
+    drawings = dict(catalog._fluent_drawings()[0])
+    png = tmp_path / "1F600.png"
+    assert catalog._render_svg((drawings["1F600"], str(png), 32)) == (str(png), None)
+    with Image.open(png) as image:
+        assert image.size == (32, 32) and image.mode == "RGB"
+    broken = catalog._render_svg(("<svg><path d=", str(tmp_path / "X.png"), 32))
+    assert broken[1] and broken[1].startswith("X:") and not (tmp_path / "X.png").exists()
+
+
+def test_fluent_build_is_deterministic(fluent_300: Path, tmp_path: Path) -> None:
+    again = catalog.build_fluent_catalog(tmp_path / "again", limit=300)
+    first = catalog.read_catalog(fluent_300)
+    assert first.equals(catalog.read_catalog(again))
+    for image in first.column("image").to_pylist()[:50]:
+        assert (fluent_300 / image).read_bytes() == (again / image).read_bytes()
+    other_seed = catalog.build_fluent_catalog(tmp_path / "other", limit=300, seed=1)
+    assert catalog.read_catalog(other_seed).column("split") != first.column("split")
+
+
+def test_combined_catalog_keeps_each_emoji_on_one_side_for_both_vendors(openmoji_300: Path, fluent_300: Path,
+                                                                         tmp_path: Path) -> None:
+    combined = catalog.build_combined_catalog(tmp_path / "both", {"openmoji": openmoji_300, "fluent": fluent_300})
+    rows = catalog.read_catalog(combined).to_pylist()
+    assert len(rows) == 600 and {row["catalog"] for row in rows} == {"openmoji", "fluent"}
+    assert all(len(s) == 1 for s in _sides_per_base(rows).values())  # base is shared across vendors
+    assert {"train", "val"} == {row["split"] for row in rows}
+    row = next(r for r in rows if r["catalog"] == "fluent")
+    assert row["image"].startswith("images/fluent/")
+    assert (combined / row["image"]).read_bytes() == (fluent_300 / "images" / Path(row["image"]).name).read_bytes()
+    urls = catalog.write_url_list(combined, "http://h:1", "train", tmp_path / "train.jsonl")
+    assert len(_read_url_list(urls)) == sum(r["split"] == "train" for r in rows)
 
 
 def test_build_is_idempotent_and_resumes(openmoji_300: Path, tmp_path: Path) -> None:
@@ -193,15 +263,21 @@ def test_cli_build_prints_a_summary(tmp_path: Path) -> None:
                                                 "--output", str(output)])
     assert result.exit_code == 2 and "--count" in result.output
 
+    result = CliRunner().invoke(catalog_group, ["build", "--catalog", "fluent", "--limit", "12",
+                                                "--output", str(tmp_path / "fluent")])
+    assert result.exit_code == 0, result.output
+    assert "12 images" in result.output and "Fluent Emoji Flat" in result.output
+
     result = CliRunner().invoke(catalog_group, ["serve", str(tmp_path)])
     assert result.exit_code == 2 and "not a built catalog" in result.output
 
 
 @pytest.mark.slow
-def test_full_openmoji_catalog(tmp_path: Path) -> None:
-    built = catalog.build_openmoji_catalog(tmp_path / "openmoji")
+@pytest.mark.parametrize(("source", "at_least"), [("openmoji", 3500), ("fluent", 3000)])
+def test_full_emoji_catalog(tmp_path: Path, source: str, at_least: int) -> None:
+    built = catalog.EMOJI_CATALOGS[source](tmp_path / source)
     rows = catalog.read_catalog(built).to_pylist()
-    assert len(rows) > 3500
+    assert len(rows) > at_least
     train = [row for row in rows if row["split"] == "train"]
     val = [row for row in rows if row["split"] == "val"]
     assert train and val
@@ -209,3 +285,4 @@ def test_full_openmoji_catalog(tmp_path: Path) -> None:
     assert all(len(s) == 1 for s in _sides_per_base(rows).values())
     assert 0.05 < len(val) / len(rows) < 0.15
     assert all((built / row["image"]).is_file() for row in rows)
+    assert catalog.read_catalog_metadata(built)["failed_to_render"] == []

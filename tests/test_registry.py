@@ -75,7 +75,8 @@ def test_two_versions_round_trip_lineage_and_list_in_order(tmp_path: Path) -> No
     assert get_version(registry, MODEL, 1).dataset == [str(Path("data/manifest.json").resolve())]  # saved absolute
 
     saved = json.loads(Path(second.location, "registration.json").read_text())
-    assert set(saved) == {"name", "version", "created_at", "dataset", "config", "metrics", "parent", "source"}
+    assert set(saved) == {"name", "version", "created_at", "dataset", "config", "metrics", "parent", "source",
+                          "mixing_weight"}
 
 
 def test_single_file_checkpoint_and_empty_registry(tmp_path: Path) -> None:

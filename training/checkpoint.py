@@ -2,7 +2,7 @@
 
     model.safetensors      weights (safetensors: loading never unpickles anything)
     model_config.json      the `ModelConfig` the weights belong to
-    tokenizer.json         the tokenizer the model was trained with
+    tokenizer.json         the tokenizer the model was trained with (byte-bpe or clip-bpe; state.json names it too)
     optimizer.safetensors  AdamW moments, flattened (absent in an export for inference)
     state.json             step, epoch, data position, RNG states, optimizer hyper-parameters, the run's config
 
@@ -71,7 +71,7 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module, tokenizer: To
     save_file(weights, staging / MODEL_FILE)
     (staging / MODEL_CONFIG_FILE).write_text(clip.config.model_dump_json(indent=2))
     tokenizer.save(staging)
-    full_state = dict(state or {})
+    full_state = {**(state or {}), "tokenizer": tokenizer.kind}
     if optimizer is not None:
         tensors, rest = _optimizer_tensors(optimizer)
         save_file(tensors, staging / OPTIMIZER_FILE)

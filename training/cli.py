@@ -1,15 +1,17 @@
-"""Commands of the training layer: `clipforge model-info` and `clipforge train`."""
+"""Commands of the training layer: `clipforge model-info`, `train`, `import` and `export`."""
 
 import click
 
 from pipeline.cli_options import config_command
+from training.convert import ExportConfig, ImportConfig
 from training.train import TrainConfig
 
 commands: list[click.Command] = []
 
 
 @click.command("model-info")
-@click.argument("preset", type=click.Choice(["tiny", "small", "vit-b-32", "vit-b-16", "vit-l-14"]))
+@click.argument("preset", type=click.Choice(["tiny", "small", "vit-b-32", "vit-b-16", "vit-l-14", "openai-vit-b-32",
+                                             "openai-vit-b-16", "openai-vit-l-14", "openai-vit-l-14-336"]))
 def model_info(preset: str) -> None:
     """Print a model preset's shape, parameters per tower and forward FLOPs per image-caption pair."""
     from training.model import MODEL_PRESETS, create_model, flops_per_sample, parameter_counts
@@ -53,3 +55,47 @@ def train(config: TrainConfig) -> None:
 
 
 commands.append(train)
+
+
+@config_command(ImportConfig, "import", required=("source", "output"), help="""Import a released CLIP (OpenAI,
+    open_clip or Hugging Face weights, a local file or folder) as a clipforge checkpoint with CLIP's tokenizer.
+
+    \b
+    Examples:
+      clipforge import ViT-B-32.pt --output models/openai-b32                (OpenAI's file: QuickGELU)
+      clipforge import open_clip_pytorch_model.bin --output models/laion-b32 --activation gelu
+      clipforge import ./clip-vit-base-patch32 --output models/hf-b32        (a transformers CLIPModel folder)
+
+    The result works with train --init-from, evaluate, embed, brand and search.""")
+def import_command(config: ImportConfig) -> None:
+    from training.convert import import_checkpoint
+
+    info = import_checkpoint(config)
+    shape = info["config"]
+    click.echo(f"imported {info['format']} weights from {info['weights']} ({info['activation']}, "
+               f"{shape['image_size']} px / patch {shape['patch_size']}, vision {shape['vision_width']}x"
+               f"{shape['vision_layers']}, text {shape['text_width']}x{shape['text_layers']}, embed {shape['embed_dim']})")
+    click.echo(f"wrote {info['output']}")
+
+
+import_command.params = [click.Argument(["source"], required=False),  # positional SOURCE instead of --source
+                         *(p for p in import_command.params if p.name != "source")]
+commands.append(import_command)
+
+
+@config_command(ExportConfig, "export", required=("checkpoint", "output"), help="""Export a clipforge checkpoint
+    for open_clip or Hugging Face transformers, tokenizer files included.
+
+    \b
+    Examples:
+      clipforge export models/final --format hf --output export/hf           (CLIPModel.from_pretrained(DIR))
+      clipforge export models/final --format open_clip --output export/oc    (create_model("local-dir:DIR"))""")
+def export_command(config: ExportConfig) -> None:
+    from training.convert import export_checkpoint
+
+    click.echo(f"wrote {export_checkpoint(config)}")
+
+
+export_command.params = [click.Argument(["checkpoint"], required=False),  # positional instead of --checkpoint
+                         *(p for p in export_command.params if p.name != "checkpoint")]
+commands.append(export_command)

@@ -332,6 +332,42 @@ def encode_images(model: CLIP, images: torch.Tensor, precision: PrecisionSetting
     return F.normalize(features.float(), dim=-1).cpu().numpy()
 
 
+@contextlib.contextmanager
+def capture_blocks(model: CLIP, blocks: tuple[int, ...]) -> Iterator[dict[int, torch.Tensor]]:
+    """Read the outputs of the image tower's blocks `blocks` during a forward pass, through forward hooks.
+
+    Pure: the hooks only keep a reference to each block's output (B, T, C) and return nothing, so the forward pass
+    and its result are unchanged; they are removed when the block exits.
+    """
+    captured: dict[int, torch.Tensor] = {}
+    handles = [model.visual.blocks[index].register_forward_hook(
+        lambda module, inputs, output, index=index: captured.__setitem__(index, output)) for index in blocks]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def style_statistics(tokens: torch.Tensor) -> torch.Tensor:
+    """(B, T, C) block output -> (B, 2C): per-channel mean and standard deviation over the patch tokens.
+
+    The class token is left out; what is kept is how the early features are distributed over the image (line,
+    palette, texture), not where anything is: the statistics of style transfer (Gatys; Huang and Belongie's AdaIN).
+    """
+    patches = tokens[:, 1:].float()  # (B, T - 1, C)
+    return torch.cat([patches.mean(dim=1), patches.std(dim=1)], dim=1)
+
+
+def encode_images_with_style(model: CLIP, images: torch.Tensor, blocks: tuple[int, ...],
+                             precision: PrecisionSetting = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """(B, 3, S, S) pixels -> ((B, D) unit embeddings, (B, 2C x len(blocks)) style statistics of those blocks)."""
+    with inference(model, precision) as device, capture_blocks(model, blocks) as captured:
+        features = model.encode_image(images.to(device, non_blocking=True))
+    style = torch.cat([style_statistics(captured[index]) for index in blocks], dim=1)
+    return F.normalize(features.float(), dim=-1).cpu().numpy(), style.cpu().numpy()
+
+
 def encode_texts(model: CLIP, tokenizer: Tokenizer, texts: list[str], batch_size: int = 256,
                  precision: PrecisionSetting = "auto") -> np.ndarray:
     """N captions -> (N, D) float32 unit vectors, `batch_size` at a time."""
@@ -350,18 +386,28 @@ def encode_texts(model: CLIP, tokenizer: Tokenizer, texts: list[str], batch_size
 
 def embed_samples(model: CLIP, samples: Iterable[Sample], batch_size: int = 128, precision: PrecisionSetting = "auto",
                   max_image_bytes: int = 20_000_000, max_image_pixels: int = 50_000_000, thumbnail_size: int = 64,
-                  progress: bool = True, total: int | None = None, model_location: str = "") -> pa.Table:
-    """Embed every sample; rejected ones become rows with an `error` and a null embedding (see the module docstring)."""
+                  progress: bool = True, total: int | None = None, model_location: str = "",
+                  style_blocks: tuple[int, ...] = ()) -> pa.Table:
+    """Embed every sample; rejected ones become rows with an `error` and a null embedding (see the module docstring).
+
+    With `style_blocks`, a `style` column holds the style statistics of those image-tower blocks (see
+    `encode_images_with_style`), null on error rows.
+    """
     image_size, dim = model.config.image_size, model.config.embed_dim
     rows: list[dict[str, Any]] = []
     vectors: list[np.ndarray | None] = []
+    styles: list[np.ndarray | None] = []
     pending: list[tuple[int, torch.Tensor]] = []  # (row index, image tensor) waiting for the next forward pass
 
     def flush() -> None:
         if pending:
             batch = torch.stack([tensor for _, tensor in pending])  # (B, 3, S, S)
-            for (index, _), vector in zip(pending, encode_images(model, batch, precision)):
-                vectors[index] = vector
+            if style_blocks:
+                embedded, style = encode_images_with_style(model, batch, style_blocks, precision)
+            else:
+                embedded, style = encode_images(model, batch, precision), [None] * len(pending)
+            for (index, _), vector, statistics in zip(pending, embedded, style):
+                vectors[index], styles[index] = vector, statistics
             pending.clear()
 
     with tqdm(samples, total=total, desc="embedding", unit="img", disable=None if progress else True) as bar:  # None: terminals only
@@ -371,6 +417,7 @@ def embed_samples(model: CLIP, samples: Iterable[Sample], batch_size: int = 128,
                    "thumbnail": None, **extra}
             rows.append(row)
             vectors.append(None)
+            styles.append(None)
             if row["error"] is None:
                 try:
                     if sample.data is None:
@@ -385,8 +432,20 @@ def embed_samples(model: CLIP, samples: Iterable[Sample], batch_size: int = 128,
                 flush()
         flush()
     device = next(model.parameters()).device
-    return _to_table(rows, vectors, dim, {"model": model_location, "kind": "image", "embed_dim": dim,
-                                          "device": device.type, "precision": resolve_precision(precision, device)})
+    table = _to_table(rows, vectors, dim, {"model": model_location, "kind": "image", "embed_dim": dim,
+                                           "device": device.type, "precision": resolve_precision(precision, device),
+                                           "style_blocks": list(style_blocks)})
+    if style_blocks:
+        width = 2 * model.config.vision_width * len(style_blocks)
+        table = table.append_column("style", _fixed_size_list(styles, width))
+    return table
+
+
+def _fixed_size_list(vectors: list[np.ndarray | None], dim: int) -> pa.Array:
+    """(N,) optional (dim,) vectors -> fixed_size_list<float32>[dim], null where a vector is None."""
+    flat = np.stack([v if v is not None else np.zeros(dim, np.float32) for v in vectors]) if vectors else np.zeros((0, dim), np.float32)
+    mask = pa.array([v is None for v in vectors], type=pa.bool_())
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat.astype(np.float32).reshape(-1), type=pa.float32()), dim, mask=mask)
 
 
 def _column(values: list[Any]) -> pa.Array:
@@ -400,10 +459,7 @@ def _to_table(rows: list[dict[str, Any]], vectors: list[np.ndarray | None], dim:
     names: dict[str, None] = dict.fromkeys(["key", "error", "caption", "source", "thumbnail"])
     for row in rows:
         names.update(dict.fromkeys(row))
-    flat = np.stack([v if v is not None else np.zeros(dim, np.float32) for v in vectors]) if vectors else np.zeros((0, dim), np.float32)
-    mask = pa.array([v is None for v in vectors], type=pa.bool_())
-    embedding = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), type=pa.float32()), dim, mask=mask)
-    columns = {"key": pa.array([r["key"] for r in rows], type=pa.string()), "embedding": embedding}
+    columns = {"key": pa.array([r["key"] for r in rows], type=pa.string()), "embedding": _fixed_size_list(vectors, dim)}
     columns["error"] = pa.array([r.get("error") for r in rows], type=pa.string())
     columns["caption"] = pa.array([r.get("caption") for r in rows], type=pa.string())
     columns["source"] = pa.array([r.get("source") for r in rows], type=pa.string())
@@ -441,9 +497,9 @@ def error_counts(table: pa.Table) -> dict[str, int]:
     return counts
 
 
-def vectors(table: pa.Table) -> np.ndarray:
-    """(N, D) float32 embeddings of a table whose rows all have one (use `valid_rows` first)."""
-    column = table.column("embedding").combine_chunks()
+def vectors(table: pa.Table, column_name: str = "embedding") -> np.ndarray:
+    """(N, D) float32 embeddings (or another vector column) of a table whose rows all have one (`valid_rows` first)."""
+    column = table.column(column_name).combine_chunks()
     if column.null_count:
         raise ValueError("table has rows without an embedding; filter with valid_rows first")
     dim = column.type.list_size
@@ -491,13 +547,16 @@ def read_embeddings(location: str, config: StorageConfig | None = None) -> pa.Ta
 def embed_location(model: CLIP, location: str, model_location: str = "", config: StorageConfig | None = None,
                    image_column: str = "image", batch_size: int = 128, precision: PrecisionSetting = "auto",
                    thumbnail_size: int = 64, max_image_bytes: int = 20_000_000, max_image_pixels: int = 50_000_000,
-                   progress: bool = True) -> pa.Table:
+                   progress: bool = True, style_blocks: tuple[int, ...] = ()) -> pa.Table:
     """The embedding table of any image location; an existing embedding table is read, not recomputed."""
     if detect_source(location, config) == "embeddings":
-        return read_embeddings(location, config)
+        table = read_embeddings(location, config)
+        if style_blocks and table_info(table).get("style_blocks") != list(style_blocks):
+            raise UserError(f"{location} holds no style statistics of blocks {list(style_blocks)}: pass the images")
+        return table
     samples = iter_samples(location, config, image_column, max_image_bytes)
     return embed_samples(model, samples, batch_size, precision, max_image_bytes, max_image_pixels, thumbnail_size,
-                         progress, count_samples(location, config), model_location)
+                         progress, count_samples(location, config), model_location, style_blocks)
 
 
 def embed(config: EmbedConfig, progress: bool = True) -> dict[str, Any]:

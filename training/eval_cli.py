@@ -12,7 +12,7 @@ from pipeline.cli_options import config_command
 from training.brand import BrandBuildConfig, BrandScoreConfig, build_profile, score_images
 from training.embed import EmbedConfig, embed
 from training.evaluate import EvaluateConfig, evaluate, output_files
-from training.report import format_brand_summary, format_evaluation
+from training.report import format_brand_profile, format_brand_summary, format_evaluation
 from training.search import SearchConfig, search
 
 
@@ -47,25 +47,33 @@ def evaluate_command(config: EvaluateConfig) -> None:
 
 @click.group("brand", context_settings={"max_content_width": 120})
 def brand_group() -> None:
-    """Brand alignment: build a profile from approved images, then score new images against it."""
+    """Brand alignment: build a profile from approved and off-brand images, then score new images against it."""
 
 
 @config_command(BrandBuildConfig, "build", required=("model", "images", "output"), help="""Build a brand profile
-    (centroid + calibration on held-out approved images) from a folder, list or prefix of approved images.
+    that tells the brand's images from off-brand ones: a calibrated linear scorer on embeddings and early-block style
+    statistics, fitted on approved images and off-brand references, with its threshold at a target false-accept rate.
 
     \b
     Example:
-      clipforge brand build --model checkpoints/final --images brand/approved --output brand/profile""")
+      clipforge brand build --model checkpoints/final --images brand/approved --references brand/competitors \\
+          --output brand/profile --guidelines "flat pastel illustration with a thick dark outline"
+
+    Prints the held-out ROC AUC and the operating point, and writes report.html (ROC curve, histograms) beside the
+    profile. Without --references a generic set is used (the approved images redrawn in other styles, and shapes).
+    A profile whose held-out AUC is under --min-auc is written with a loud warning.""")
 def brand_build_command(config: BrandBuildConfig) -> None:
     profile = build_profile(config)
-    info = profile.info
-    click.echo(f"profile {config.output}: centroid of {info['fit_images']} images, calibrated on "
-               f"{info['heldout_images']} held-out ones ({info['unreadable_images']} unreadable)")
-    click.echo("held-out cosine quantiles: " + ", ".join(f"{k}={v:.3f}" for k, v in info["heldout_quantiles"].items()))
+    click.echo(format_brand_profile(profile.info))
+    click.echo(f"wrote {config.output} (profile.json, scorer.npz, examples.parquet, report.html)")
+    if profile.info["warning"]:
+        banner = "!" * 100
+        click.secho(f"{banner}\nWARNING: {profile.info['warning']}\n{banner}", fg="red", bold=True, err=True)
 
 
 @config_command(BrandScoreConfig, "score", required=("profile", "images", "output"), help="""Score images against a
-    brand profile: cosine to the centroid, percentile among approved held-out images, on/off-brand verdict.
+    brand profile: calibrated probability of on-brand, verdict at the profile's threshold, guideline cosine, and
+    the nearest approved and nearest off-brand example of each image.
 
     \b
     Example:

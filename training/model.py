@@ -11,6 +11,7 @@ Reference: Radford et al., "Learning Transferable Visual Models From Natural Lan
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -50,6 +51,8 @@ class ModelConfig(Config):
     """Dimension of the shared image-text embedding space that both towers project into."""
     mlp_ratio: float = 4.0
     """Hidden width of each transformer MLP as a multiple of the block's width."""
+    activation: Literal["gelu", "quick_gelu"] = "gelu"
+    """MLP non-linearity: exact GELU, or QuickGELU (x * sigmoid(1.702 x)), which OpenAI's released CLIPs use."""
 
     @model_validator(mode="after")
     def _check_divisibility(self) -> ModelConfig:
@@ -82,6 +85,10 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     "vit-l-14": _VIT_B_32.derive(patch_size=14, vision_width=1024, vision_layers=24, vision_heads=16,
                                  text_width=768, text_heads=12, embed_dim=768),
 }
+# OpenAI's released models (CLIP's clip-bpe tokenizer: 49,408 ids, 77 tokens); `clipforge import` reads their weights
+MODEL_PRESETS |= {f"openai-{name}": MODEL_PRESETS[name].derive(activation="quick_gelu")
+                  for name in ("vit-b-32", "vit-b-16", "vit-l-14")}
+MODEL_PRESETS["openai-vit-l-14-336"] = MODEL_PRESETS["openai-vit-l-14"].derive(image_size=336)
 
 
 class Attention(nn.Module):
@@ -103,25 +110,31 @@ class Attention(nn.Module):
         return self.proj(y)
 
 
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """OpenAI CLIP's sigmoid approximation of GELU; released weights were trained with it."""
+    return x * torch.sigmoid(1.702 * x)
+
+
 class MLP(nn.Module):
-    def __init__(self, width: int, hidden: int):
+    def __init__(self, width: int, hidden: int, activation: str = "gelu"):
         super().__init__()
         self.fc = nn.Linear(width, hidden)
         self.proj = nn.Linear(hidden, width)
+        self.activation = quick_gelu if activation == "quick_gelu" else F.gelu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.gelu(self.fc(x)))
+        return self.proj(self.activation(self.fc(x)))
 
 
 class Block(nn.Module):
     """Pre-norm transformer block: two residual lines."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, causal: bool):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, causal: bool, activation: str = "gelu"):
         super().__init__()
         self.ln_1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads, causal)
         self.ln_2 = nn.LayerNorm(width)
-        self.mlp = MLP(width, int(width * mlp_ratio))
+        self.mlp = MLP(width, int(width * mlp_ratio), activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
@@ -140,7 +153,8 @@ class VisionTransformer(nn.Module):
         self.position_embedding = nn.Parameter(torch.empty(grid * grid + 1, width))
         self.ln_pre = nn.LayerNorm(width)  # the paper's extra norm on patch + position embeddings
         self.blocks = nn.ModuleList(
-            Block(width, config.vision_heads, config.mlp_ratio, causal=False) for _ in range(config.vision_layers)
+            Block(width, config.vision_heads, config.mlp_ratio, causal=False, activation=config.activation)
+            for _ in range(config.vision_layers)
         )
         self.ln_post = nn.LayerNorm(width)
         self.projection = nn.Linear(width, config.embed_dim, bias=False)
@@ -170,7 +184,8 @@ class TextTransformer(nn.Module):
         self.token_embedding = nn.Embedding(config.vocab_size, width)
         self.position_embedding = nn.Parameter(torch.empty(config.context_length, width))
         self.blocks = nn.ModuleList(
-            Block(width, config.text_heads, config.mlp_ratio, causal=True) for _ in range(config.text_layers)
+            Block(width, config.text_heads, config.mlp_ratio, causal=True, activation=config.activation)
+            for _ in range(config.text_layers)
         )
         self.ln_final = nn.LayerNorm(width)
         self.projection = nn.Linear(width, config.embed_dim, bias=False)

@@ -33,7 +33,7 @@ from training.checkpoint import MODEL_CONFIG_FILE, MODEL_FILE, STATE_FILE, open_
 from training.data import read_captions, steps_per_epoch
 from training.model import MODEL_PRESETS
 from training.progress import ProgressDisplay, throttled
-from training.tokenizer import Tokenizer, train_tokenizer
+from training.tokenizer import Tokenizer, clip_tokenizer, train_tokenizer
 from training.train import TrainConfig, default_tokenizer_vocab, loader_processes, total_steps, train_loop
 
 # settings that do not change what is trained: a re-run that changes only these resumes the same run
@@ -139,6 +139,8 @@ def prepare_tokenizer(config: TrainConfig, manifest: Manifest) -> str:
         if config.init_from:
             with open_checkpoint(config.init_from, config.storage) as parent:
                 tokenizer = Tokenizer.load(parent)
+        elif config.tokenizer == "clip-bpe":
+            tokenizer = clip_tokenizer(MODEL_PRESETS[config.preset].context_length)
         else:
             context_length = MODEL_PRESETS[config.preset].context_length
             tokenizer = train_tokenizer(read_captions(manifest, config=config.storage),
@@ -148,10 +150,27 @@ def prepare_tokenizer(config: TrainConfig, manifest: Manifest) -> str:
     return location
 
 
+def prepare_parent(config: TrainConfig) -> TrainConfig:
+    """`init_from` may name a released CLIP (OpenAI / open_clip / Hugging Face file or folder): import it once to
+    `<output>/init` and start from that clipforge checkpoint."""
+    from training.convert import ImportConfig, import_checkpoint, is_released_source
+
+    if not config.init_from or storage.is_remote(config.init_from) or not is_released_source(config.init_from):
+        return config
+    location = storage.join(storage.absolute(config.output), "init")
+    fs, path = storage.filesystem(location, config.storage)
+    if not fs.exists(f"{path}/{STATE_FILE}"):  # state.json is written last: present means complete
+        import_checkpoint(ImportConfig(source=config.init_from, output=location, storage=config.storage))
+    return config.model_copy(update={"init_from": location})
+
+
 def validate(config: TrainConfig) -> Manifest:
     """Fail fast, with one line, on what would otherwise fail inside a Ray worker."""
     if config.preset not in MODEL_PRESETS and not config.init_from:
         raise UserError(f"unknown preset {config.preset!r}; choose one of {', '.join(MODEL_PRESETS)}")
+    if config.tokenizer == "clip-bpe" and not config.init_from and MODEL_PRESETS[config.preset].vocab_size < 49408:
+        raise UserError(f"clip-bpe needs 49,408 token embeddings; preset {config.preset} has "
+                        f"{MODEL_PRESETS[config.preset].vocab_size} (use vit-b-32 or an openai-* preset)")
     manifest = read_manifest(config.data, config.storage)
     if config.batch_size % (config.num_workers * config.accum_steps):
         raise UserError(f"batch_size {config.batch_size} must divide by num_workers x accum_steps "
@@ -243,6 +262,7 @@ def run_training(config: TrainConfig) -> TrainResult:
     from ray.train.torch import TorchTrainer  # ray
     from ray.util.queue import Queue  # ray
 
+    config = prepare_parent(config)
     manifest = validate(config)
     tokenizer = prepare_tokenizer(config, manifest)
     name = run_name(config)

@@ -2,8 +2,9 @@
 plain-text summaries the CLI prints.
 
 Plots are drawn with matplotlib's Agg backend (no display needed): the zero-shot confusion matrix, recall@k bars with
-chance beside them, brand score histograms (approved held-out vs scored) and search hits as thumbnails. Every
-metric is shown beside its chance level, so a number is never read without its floor.
+chance beside them, brand ROC curves and score histograms (approved vs references vs scored) and search hits as thumbnails. Every
+metric is shown beside its chance level, so a number is never read without its floor. Brand reports
+show the profile's held-out ROC curve and its operating point beside the score histograms.
 """
 
 from __future__ import annotations
@@ -121,20 +122,46 @@ def zero_shot_bars(zero_shot: dict[str, Any]) -> str:
     return figure_data_uri(figure)
 
 
-def brand_histogram(heldout: np.ndarray, scored: np.ndarray, threshold_cosine: float | None = None) -> str:
-    """Histograms of cosine to the centroid: approved held-out images vs the scored ones, with the threshold."""
+def brand_histogram(approved: np.ndarray, references: np.ndarray, scored: np.ndarray | None = None,
+                    threshold: float | None = None) -> str:
+    """Histograms of the calibrated probability: held-out approved vs held-out references (and the scored images),
+    with the operating threshold."""
     figure, axes = plt.subplots(figsize=(8, 3.6))
-    values = np.concatenate([heldout, scored]) if len(scored) else heldout
-    bins = np.linspace(float(values.min()) - 1e-3, float(values.max()) + 1e-3, 31)
-    axes.hist(heldout, bins=bins, alpha=0.6, density=True, color="#2ca02c", label=f"approved, held out ({len(heldout)})")
-    if len(scored):
-        axes.hist(scored, bins=bins, alpha=0.6, density=True, color="#1f77b4", label=f"scored ({len(scored)})")
-    if threshold_cosine is not None and threshold_cosine > -1:
-        axes.axvline(threshold_cosine, color="#d62728", linestyle="--", label="on-brand threshold")
-    axes.set_xlabel("cosine similarity to the brand centroid")
+    bins = np.linspace(0, 1, 31)
+    axes.hist(approved, bins=bins, alpha=0.6, density=True, color="#2ca02c",
+              label=f"approved, held out ({len(approved)})")
+    axes.hist(references, bins=bins, alpha=0.6, density=True, color="#d62728",
+              label=f"off-brand references, held out ({len(references)})")
+    if scored is not None and len(scored):
+        axes.hist(scored, bins=bins, density=True, histtype="step", linewidth=2, color="#1f77b4",
+                  label=f"scored ({len(scored)})")
+    if threshold is not None:
+        axes.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.3f}")
+    axes.set_xlabel("calibrated probability of on-brand")
     axes.set_ylabel("density")
-    axes.set_title("brand alignment")
+    axes.set_title("brand scores")
     axes.legend(fontsize=8)
+    return figure_data_uri(figure)
+
+
+def roc_plot(false_accept: Sequence[float], true_accept: Sequence[float], auc: float,
+             operating_point: tuple[float, float] | None = None, min_auc: float | None = None) -> str:
+    """The held-out ROC curve (false-accept rate of references vs accept rate of approved), chance diagonal,
+    AUC in the title, and the operating point."""
+    figure, axes = plt.subplots(figsize=(4.4, 4.2))
+    axes.plot(false_accept, true_accept, color="#1f77b4", linewidth=2, label=f"profile (AUC {auc:.3f})")
+    axes.plot([0, 1], [0, 1], color="#999", linestyle=":", label="chance (AUC 0.5)")
+    if operating_point is not None:
+        axes.plot(*operating_point, "o", color="#d62728", markersize=8,
+                  label=f"operating point: FAR {operating_point[0]:.3f}, FRR {1 - operating_point[1]:.3f}")
+    axes.set_xlim(-0.01, 1.01)
+    axes.set_ylim(-0.01, 1.01)
+    axes.set_xlabel("false-accept rate (off-brand references accepted)")
+    axes.set_ylabel("true-accept rate (approved accepted)")
+    low = min_auc is not None and not auc >= min_auc
+    axes.set_title(f"held-out ROC, AUC {auc:.3f}" + (f" (under the floor {min_auc:g})" if low else ""),
+                   fontsize=10, color="#b00" if low else "black")
+    axes.legend(fontsize=7, loc="lower right")
     return figure_data_uri(figure)
 
 
@@ -216,32 +243,91 @@ def _thumbnail_grid(items: list[tuple[bytes | None, str]]) -> str:
     return f'<div class="hits">{"".join(cells)}</div>'
 
 
-def format_brand_summary(summary: dict[str, Any]) -> str:
-    lines = [f"scored {summary['scored']} images against {summary['profile']} "
-             f"(threshold: percentile >= {summary['threshold_percentile']:g}, i.e. cosine >= {summary['threshold_cosine']:.4f})",
-             f"on-brand: {summary['on-brand']}   off-brand: {summary['off-brand']}   errors: {summary['error']}"]
-    lines += [f"  error {reason}: {count}" for reason, count in summary["errors_by_reason"].items()]
+def format_brand_profile(info: dict[str, Any]) -> str:
+    """The console summary of `clipforge brand build`: counts, held-out AUC, a few ROC points, the operating point."""
+    lines = [f"profile: {info['approved_images']} approved and {info['reference_images']} off-brand reference images "
+             f"({info['references']}); features: {info['features']}"
+             + (f" (style of blocks {info['style_blocks']})" if info["style_blocks"] else "")
+             + (f" + {len(info['guidelines'])} text guidelines" if info["guidelines"] else ""),
+             f"held out: {info['heldout_approved']} approved, {info['heldout_references']} references; "
+             f"ROC AUC {info['auc']:.3f} (floor {info['min_auc']:g}); "
+             f"calibration error {info['calibration_error_heldout']:.3f}"]
+    fpr, tpr = np.array(info["roc"]["false_accept_rate"]), np.array(info["roc"]["true_accept_rate"])
+    points = []
+    for rate in (0.01, 0.05, 0.1, 0.2):
+        inside = fpr <= rate
+        points.append(f"FAR {rate:g}: accepts {tpr[inside].max() if inside.any() else 0:.3f} of approved")
+    lines.append("held-out ROC: " + "; ".join(points))
+    lines.append(f"operating point: probability >= {info['threshold']:.4f}, false-accept rate "
+                 f"{info['heldout_false_accept_rate']:.3f} (target {info['target_false_accept_rate']:g}), "
+                 f"expected false-reject rate {info['expected_false_reject_rate']:.3f}")
     return "\n".join(lines)
 
 
-def brand_report(summary: dict[str, Any], heldout: np.ndarray, scored: np.ndarray, rows: list[dict[str, Any]],
-                 max_thumbnails: int = 24) -> str:
-    """The HTML report of `clipforge brand score`: histogram, counts, the least and most on-brand images, errors."""
-    counts = [("on-brand", summary["on-brand"]), ("off-brand", summary["off-brand"]), ("error", summary["error"]),
-              ("threshold percentile", summary["threshold_percentile"]), ("threshold cosine", summary["threshold_cosine"])]
+def format_brand_summary(summary: dict[str, Any]) -> str:
+    lines = [f"scored {summary['scored']} images against {summary['profile']} "
+             f"(on-brand: probability >= {summary['threshold']:.4f}; profile AUC {summary['profile_auc']:.3f}, "
+             f"false-accept rate {summary['target_false_accept_rate']:g}, expected false-reject rate "
+             f"{summary['expected_false_reject_rate']:.3f})",
+             f"on-brand: {summary['on-brand']}   off-brand: {summary['off-brand']}   errors: {summary['error']}"]
+    lines += [f"  error {reason}: {count}" for reason, count in summary["errors_by_reason"].items()]
+    if summary.get("profile_warning"):
+        lines.append(f"WARNING: {summary['profile_warning']}")
+    return "\n".join(lines)
+
+
+def _profile_sections(profile: Any, scored: np.ndarray | None = None, threshold: float | None = None) -> list[tuple[str, str]]:
+    info = profile.info
+    threshold = info["threshold"] if threshold is None else threshold
+    operating = (float((profile.heldout_references >= threshold).mean()),
+                 float((profile.heldout_approved >= threshold).mean()))
+    warning = (f'<p class="error"><b>WARNING:</b> {html.escape(info["warning"])}</p>' if info.get("warning") else "")
+    rows = [("approved images", info["approved_images"]), ("off-brand references", info["reference_images"]),
+            ("references from", info["references"]), ("features", info["features"]),
+            ("guidelines", " | ".join(info["guidelines"]) or "none"),
+            ("held-out ROC AUC", info["auc"]), ("AUC floor", info["min_auc"]),
+            ("held-out calibration error", info["calibration_error_heldout"]),
+            ("threshold (probability)", threshold), ("target false-accept rate", info["target_false_accept_rate"]),
+            ("held-out false-accept rate", operating[0]), ("expected false-reject rate", 1 - operating[1])]
+    plots = (_img(roc_plot(info["roc"]["false_accept_rate"], info["roc"]["true_accept_rate"], info["auc"],
+                           operating, info["min_auc"]), "held-out ROC curve")
+             + _img(brand_histogram(profile.heldout_approved, profile.heldout_references, scored, threshold),
+                    "score histograms"))
+    return [("Profile: can it tell the brand apart?", warning + '<div class="row">' + _table(["", ""], rows)
+             + plots + "</div>")]
+
+
+def brand_profile_report(profile: Any) -> str:
+    """The HTML report `clipforge brand build` writes beside the profile: held-out ROC, histograms, operating point."""
+    return _page("clipforge brand profile", _profile_sections(profile))
+
+
+def brand_report(summary: dict[str, Any], profile: Any, scored: np.ndarray, rows: list[dict[str, Any]],
+                 max_thumbnails: int = 12) -> str:
+    """The HTML report of `clipforge brand score`: the profile's ROC and histograms with the operating point, the
+    counts, the least and most on-brand images each beside its nearest approved and off-brand examples, errors."""
+    counts = [("on-brand", summary["on-brand"]), ("off-brand", summary["off-brand"]), ("error", summary["error"])]
     sections = [("Summary", _table(["", ""], [("profile", summary["profile"]), ("model", summary["model"]),
                                              ("images", summary["images"]), *counts])),
-                ("Scores", _img(brand_histogram(heldout, scored, summary["threshold_cosine"]), "brand score histogram"))]
-    scored_rows = sorted((r for r in rows if r["verdict"] != "error"), key=lambda r: r["cosine"])
+                *_profile_sections(profile, scored, summary["threshold"])]
+    scored_rows = sorted((r for r in rows if r["verdict"] != "error"), key=lambda r: r["probability"])
+
+    def explained(chosen: list[dict[str, Any]]) -> str:
+        items = []
+        for r in chosen:
+            items.append((r.get("thumbnail"), f"<b>{html.escape(str(r['key']))}</b><br>p={r['probability']:.3f}, "
+                                              f"{r['verdict']}"))
+            items.append((r.get("nearest_approved_thumbnail"), f"nearest approved<br>{html.escape(str(r['nearest_approved']))}"
+                                                               f" ({r['nearest_approved_cosine']:.2f})"))
+            items.append((r.get("nearest_reference_thumbnail"), f"nearest off-brand<br>{html.escape(str(r['nearest_reference']))}"
+                                                                f" ({r['nearest_reference_cosine']:.2f})"))
+        return ('<p class="muted">each image, then its nearest approved and nearest off-brand example '
+                '(cosine of the image embeddings)</p>' + _thumbnail_grid(items))
+
     half = max_thumbnails // 2
-
-    def grid(chosen: list[dict[str, Any]]) -> str:
-        return _thumbnail_grid([(r.get("thumbnail"), f"{html.escape(str(r['key']))}<br>{r['percentile']:.0f} pct, "
-                                 f"{r['verdict']}") for r in chosen])
-
     if scored_rows:
-        sections.append(("Least on-brand", grid(scored_rows[:half])))
-        sections.append(("Most on-brand", grid(scored_rows[::-1][:half])))
+        sections.append(("Least on-brand, explained", explained(scored_rows[:half])))
+        sections.append(("Most on-brand, explained", explained(scored_rows[::-1][:half])))
     errors = [(r["key"], r["error"]) for r in rows if r["verdict"] == "error"]
     if errors:
         sections.append(("Errors", _table(["image", "reason"], errors)))

@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -50,7 +50,7 @@ class TrainConfig(Config):
     """Where the run writes checkpoints, metrics and the final model: a folder or s3://bucket/prefix."""
 
     preset: str = "small"
-    """Model preset: tiny (tests), small (CPU demo), vit-b-32, vit-b-16, vit-l-14."""
+    """Model preset: tiny (tests), small (CPU demo), vit-b-32, vit-b-16, vit-l-14, openai-vit-b-32 (QuickGELU), ..."""
 
     init_from: str | None = None
     """Fine-tune: start from this checkpoint (its weights, model shape and tokenizer), with this run's own schedule."""
@@ -115,6 +115,25 @@ class TrainConfig(Config):
     tokenizer_vocab_size: int | None = Field(None, ge=260)
     """Vocabulary of the BPE tokenizer trained on the captions. Empty: the preset's vocab_size."""
 
+    tokenizer: Literal["byte-bpe", "clip-bpe"] = "byte-bpe"
+    """From scratch: byte-bpe (trained on the captions) or clip-bpe (CLIP's 49,408 ids). Fine-tunes keep the parent's."""
+
+    lock_image: bool = False
+    """Freeze the image tower (LiT: train the text tower against fixed image features)."""
+
+    lock_image_unlocked_layers: int = Field(0, ge=0)
+    """With lock_image: its last N blocks and everything above them (final norm, projection) stay trainable."""
+
+    lock_text: bool = False
+    """Freeze the text tower (token and position embeddings, blocks, final norm, projection)."""
+
+    lock_text_unlocked_layers: int = Field(0, ge=0)
+    """With lock_text: its last N blocks and everything above them (final norm, projection) stay trainable."""
+
+    tower_lr: float | None = Field(None, gt=0)
+    """Peak learning rate of the towers' trainable weights, apart from the projections and temperature (which keep
+    lr): e.g. 1e-5 with lr 1e-4 to fine-tune a released model gently. Empty: lr for everything."""
+
     num_workers: int = Field(1, gt=0)
     """Ray Train workers (processes, possibly on several nodes); the global batch is split between them."""
 
@@ -145,16 +164,36 @@ class TrainConfig(Config):
 # optimisation
 
 
-def parameter_groups(model: CLIP, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay on weight matrices; none on norms, biases, embeddings and the temperature."""
+def parameter_groups(model: CLIP, weight_decay: float, tower_lr_scale: float = 1.0) -> list[dict[str, Any]]:
+    """AdamW groups of the trainable parameters: decay on weight matrices; none on norms, biases, embeddings and the
+    temperature. Each group's `lr_scale` multiplies the schedule's rate: `tower_lr_scale` for the towers' weights,
+    1 for the projections and the temperature."""
     no_decay_names = ("embedding", "class_token", "log_logit_scale")
-    decay, no_decay = [], []
+    head_names = ("visual.projection.", "text.projection.", "log_logit_scale")
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, parameter in model.named_parameters():
-        if parameter.ndim < 2 or any(n in name for n in no_decay_names):
-            no_decay.append(parameter)
-        else:
-            decay.append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if not parameter.requires_grad:  # a locked tower
+            continue
+        decay = not (parameter.ndim < 2 or any(n in name for n in no_decay_names))
+        head = tower_lr_scale != 1.0 and name.startswith(head_names)  # one rate: the two groups as before
+        groups.setdefault((decay, head), []).append(parameter)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0,
+             "lr_scale": 1.0 if head else tower_lr_scale}
+            for (decay, head), params in sorted(groups.items(), key=lambda item: (not item[0][0], item[0][1]))]
+
+
+def lock_tower(tower: torch.nn.Module, unlocked_layers: int = 0) -> None:
+    """Freeze a tower (`model.visual` or `model.text`) except its last `unlocked_layers` blocks and, when any are
+    left trainable, everything above them (final norm and projection), as open_clip's lock_image/lock_text do."""
+    for parameter in tower.parameters():
+        parameter.requires_grad_(False)
+    if unlocked_layers == 0:
+        return
+    for block in list(tower.blocks)[-unlocked_layers:]:
+        block.requires_grad_(True)
+    for name, module in tower.named_children():
+        if name in ("ln_post", "ln_final", "projection"):
+            module.requires_grad_(True)
 
 
 def learning_rate(step: int, total_steps: int, peak: float, warmup: int) -> float:
@@ -263,8 +302,13 @@ def train_loop(config: TrainConfig, tokenizer_path: str | Path, report: Report, 
     else:
         model = create_model(config.preset)
     model = model.to(device)
-    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr, betas=config.betas,
-                                  eps=config.eps)
+    if config.lock_image:
+        lock_tower(model.visual, config.lock_image_unlocked_layers)
+    if config.lock_text:
+        lock_tower(model.text, config.lock_text_unlocked_layers)
+    tower_lr_scale = (config.tower_lr or config.lr) / config.lr
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay, tower_lr_scale), lr=config.lr,
+                                  betas=config.betas, eps=config.eps)
     step, history, keys_log = 0, [], []
     if resume_from is not None:
         resumed, _ = load_weights(resume_from)
@@ -302,12 +346,12 @@ def train_loop(config: TrainConfig, tokenizer_path: str | Path, report: Report, 
             waited = time.perf_counter() - tick
             lr = learning_rate(step, last_step, config.lr, warmup)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             optimizer.zero_grad(set_to_none=True)
             loss = contrastive_step(trained, batch["images"].to(device), batch["tokens"].to(device), config, device,
                                     precision)
             if config.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(clip.parameters(), config.grad_clip)
+                torch.nn.utils.clip_grad_norm_([p for p in clip.parameters() if p.requires_grad], config.grad_clip)
             optimizer.step()
             clip.clamp_logit_scale()
             step += 1
