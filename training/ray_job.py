@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from pipeline import storage
+from pipeline import cluster, storage
 from pipeline.cluster import ray_init_kwargs
 from pipeline.errors import UserError
 from pipeline.manifest import Manifest, read_manifest
@@ -56,8 +56,9 @@ def run_name(config: TrainConfig) -> str:
 
 
 def _worker_config(config: TrainConfig) -> dict[str, Any]:
-    """The config as the workers get it: credentials travel in the workers' environment, never in the config."""
-    return config.model_dump(mode="json", exclude={"storage": {"access_key_id", "secret_access_key"}})
+    """The config as the workers get it: credentials come from the workers' environment or a Ray object, never this."""
+    return config.model_dump(mode="json",
+                             exclude={"storage": {"access_key_id", "secret_access_key", "session_token"}})
 
 
 def _threads(config: TrainConfig) -> int:
@@ -69,6 +70,7 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     import ray.train  # ray
     import ray.train.torch  # ray
 
+    cluster.adopt_credentials(loop_config.get("credentials"))  # ray: the driver's explicit keys, if any
     config = TrainConfig.model_validate(loop_config["config"])  # re-validated on the worker
     torch.set_num_threads(loop_config["threads"])
     context = ray.train.get_context()  # ray
@@ -185,20 +187,23 @@ def run_training(config: TrainConfig) -> TrainResult:
     manifest = validate(config)
     tokenizer = prepare_tokenizer(config, manifest)
     name = run_name(config)
-    worker_env = storage.subprocess_env(config.storage)
+    # code and non-secret storage settings travel in the runtime_env (visible in Ray's job API); keys never do
+    worker_env = cluster.runtime_env(config.storage, ship_code=bool(config.ray_address or os.environ.get("RAY_ADDRESS")))
     if not ray.is_initialized():  # ray: join the cluster, or start a local one on demand
-        ray.init(include_dashboard=False, log_to_driver=True, runtime_env={"env_vars": worker_env} if worker_env else None,
+        ray.init(include_dashboard=False, log_to_driver=True, runtime_env=worker_env,
                  **ray_init_kwargs(config.ray_address))
+    credentials = cluster.ship_credentials(config.storage)  # ray: an object, not recorded anywhere
     trainer = TorchTrainer(  # ray
         _train_worker,
-        train_loop_config={"config": _worker_config(config), "tokenizer": tokenizer, "threads": _threads(config)},
+        train_loop_config={"config": _worker_config(config), "tokenizer": tokenizer, "threads": _threads(config),
+                           "credentials": credentials},
         scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,  # ray
                                                resources_per_worker={"CPU": _threads(config)}),
         run_config=ray.train.RunConfig(  # ray
             name=name,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),  # ray
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=3),  # ray
-            worker_runtime_env={"env_vars": worker_env} if worker_env else None,
+            worker_runtime_env=worker_env,
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # ray: our progress bar says it all
             **_ray_storage(config),
         ),
@@ -209,6 +214,8 @@ def run_training(config: TrainConfig) -> TrainResult:
         cause = err
         while cause.__cause__ is not None:
             cause = cause.__cause__
+        if message := cluster.missing_code_message(cause):
+            raise UserError(message) from err
         raise UserError(f"training failed: {type(cause).__name__}: {storage.redact(str(cause)).splitlines()[0]}") from err
     if result.checkpoint is None:
         raise UserError("training ended without a checkpoint")
