@@ -28,7 +28,25 @@ from pipeline.manifest import read_manifest
 from tests.conftest import TEST_BUCKET
 from tests.raycluster import free_port, in_group, ray_node, stop_node
 
-pytestmark = pytest.mark.slow
+
+
+def test_runtime_env_ships_the_code_and_no_secret() -> None:
+    from pipeline import cluster
+
+    config = storage.StorageConfig(endpoint_url="http://127.0.0.1:9", access_key_id="key-id", secret_access_key="s")
+    env = cluster.runtime_env(config, ship_code=True)
+    assert [Path(p).name for p in env["py_modules"]] == ["pipeline", "training"]
+    assert env["env_vars"] == {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
+    assert "key-id" not in json.dumps(env)
+    assert "py_modules" not in cluster.runtime_env(config, ship_code=False)  # a local Ray shares this interpreter
+
+
+def test_a_node_without_clipforge_is_named_in_one_line() -> None:
+    from pipeline import cluster
+
+    message = cluster.missing_code_message(ModuleNotFoundError("No module named 'training'"))
+    assert message is not None and "\n" not in message and "install it on every node" in message
+    assert cluster.missing_code_message(ModuleNotFoundError("No module named 'numpy'")) is None
 
 
 def clean_interpreter(root: Path) -> str:
@@ -65,6 +83,7 @@ def files_containing(root: str, secret: bytes) -> list[str]:
     return found
 
 
+@pytest.mark.slow
 def test_ingest_and_training_over_two_clean_nodes(seaweedfs, tmp_path: Path) -> None:
     location = f"s3://{TEST_BUCKET}/tests/cluster-{os.urandom(4).hex()}"
     secrets = {"access_key_id": seaweedfs.access_key, "secret_access_key": seaweedfs.secret_key}

@@ -188,7 +188,8 @@ def run_training(config: TrainConfig) -> TrainResult:
     tokenizer = prepare_tokenizer(config, manifest)
     name = run_name(config)
     # code and non-secret storage settings travel in the runtime_env (visible in Ray's job API); keys never do
-    worker_env = cluster.runtime_env(config.storage, ship_code=bool(config.ray_address or os.environ.get("RAY_ADDRESS")))
+    joins = bool(config.ray_address or os.environ.get("RAY_ADDRESS"))  # a cluster's nodes may lack clipforge
+    worker_env = cluster.runtime_env(config.storage, ship_code=joins)
     if not ray.is_initialized():  # ray: join the cluster, or start a local one on demand
         ray.init(include_dashboard=False, log_to_driver=True, runtime_env=worker_env,
                  **ray_init_kwargs(config.ray_address))
