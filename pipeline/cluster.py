@@ -11,6 +11,7 @@ What a job sends to every node of a cluster joined by address:
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +22,16 @@ WORKER_PACKAGES = ("pipeline", "training")
 
 
 def ray_init_kwargs(address: str | None) -> dict[str, Any]:
-    """Keyword arguments for `ray.init` that join the cluster at `address` (None: start a local Ray).
+    """Keyword arguments for `ray.init` that join the cluster at `address` (None: $RAY_ADDRESS, else a new local Ray).
 
     A cluster addressed on loopback registered its nodes there, so this process must look for its local raylet there
     too: Ray otherwise rewrites 127.0.0.1 to the machine's network address and finds no raylet (ray-project/ray#59110).
     """
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        # "local" starts a Ray of our own: None would join any cluster that `ray start` runs on this machine (Ray
+        # finds it through /tmp/ray/ray_current_cluster), someone else's included. RAY_ADDRESS (set by KubeRay for
+        # a RayJob's entrypoint) still wins.
+        return {"address": "local"}
     host = (address or "").rsplit(":", 1)[0]
     loopback = {"_node_ip_address": "127.0.0.1"} if host in ("127.0.0.1", "localhost") else {}
     return {"address": address, **loopback}
