@@ -8,6 +8,7 @@ without the auth string. (The SQLite form runs the same flow through `serve` in 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -23,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_deployments import _client, _stop_group
+
 ROOT = Path(__file__).resolve().parents[1]
 POOL = "clipforge"
 
@@ -30,27 +33,6 @@ POOL = "clipforge"
 def prefect(*args: str, env: dict, timeout: int = 180) -> subprocess.CompletedProcess:
     command = [str(Path(sys.executable).with_name("prefect")), "--no-prompt", *args]
     return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-
-
-def _client(api_env: dict[str, str]):
-    """A sync Prefect client for the server `api_env` names, with its auth string."""
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
-
-    class _Client:
-        def __enter__(self):
-            updates = {PREFECT_API_URL: api_env["PREFECT_API_URL"],
-                       PREFECT_API_AUTH_STRING: api_env.get("PREFECT_API_AUTH_STRING")}
-            self._settings = temporary_settings(updates=updates)
-            self._settings.__enter__()
-            self._client = get_client(sync_client=True).__enter__()
-            return self._client
-
-        def __exit__(self, *exc):
-            self._client.__exit__(*exc)
-            self._settings.__exit__(*exc)
-
-    return _Client()
 
 
 def api_status(api_url: str, path: str, auth_string: str | None) -> int:
@@ -70,19 +52,13 @@ def stop_worker(worker: subprocess.Popen) -> None:
     for _ in range(2):
         if worker.poll() is None:
             os.killpg(worker.pid, signal.SIGINT)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 worker.wait(15)
-            except subprocess.TimeoutExpired:
-                pass
-    try:
-        os.killpg(worker.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    worker.wait(10)
+    _stop_group(worker)
 
 
 def deploy_and_run_through_a_worker(api_env: dict[str, str], root: Path) -> None:
-    """The whole work-pool path against the server `api_env` points at (shared with the PostgreSQL-backed test)."""
+    """The whole work-pool path against the server `api_env` points at: pool, deploy, worker, a run to Completed."""
     from pipeline.catalog import build_openmoji_catalog, serve_directory, write_url_list
     from pipeline.registry import promoted
 
@@ -115,7 +91,7 @@ def deploy_and_run_through_a_worker(api_env: dict[str, str], root: Path) -> None
             flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)
             deadline = time.monotonic() + 900
             while True:
-                with _client(api_env) as client:
+                with _client(api_env["PREFECT_API_URL"], api_env.get("PREFECT_API_AUTH_STRING")) as client:
                     flow_run = client.read_flow_run(flow_run_id)
                 if flow_run.state is not None and flow_run.state.is_final():
                     break
@@ -160,7 +136,7 @@ def test_deploy_and_run_through_a_process_worker_on_postgres_with_auth(tmp_path:
             assert refused.returncode != 0
 
             deploy_and_run_through_a_worker(server.env(), tmp_path)
-            with _client(server.env()) as client:
+            with _client(server.api_url, auth) as client:
                 nightly = client.read_deployment_by_name("nightly-finetune/nightly")
             assert nightly.work_pool_name == POOL
             assert [(s.schedule.cron, s.schedule.timezone) for s in nightly.schedules] == [("0 2 * * *", "UTC")]
