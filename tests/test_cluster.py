@@ -2,7 +2,8 @@
 (no PYTHONPATH, no AWS variable, an interpreter in which clipforge is not importable), token authentication on, and
 output on SeaweedFS with enforced keys given to the driver in a config file. Ingest and training run over that
 cluster; the code reaches the nodes as Ray `py_modules` and the keys as a Ray object. Afterwards no secret may appear
-in the nodes' session folders (logs included), the command output, or the dashboard's job, State and Train APIs.
+in the nodes' session folders (logs included), the command output, the dashboard's job, State and Train APIs, or
+anything the run wrote to storage.
 """
 
 from __future__ import annotations
@@ -162,10 +163,19 @@ def test_ingest_and_training_over_two_clean_nodes(seaweedfs, tmp_path: Path) -> 
         assert sorted(r["rank"] for r in records) == [0, 1]
         assert len({r["node_id"] for r in records}) == 2, "the two workers ran on the two nodes"
         assert fs.exists(f"{path}/model/model.safetensors")
+        # nor in anything the run wrote: manifests, checkpoints (their saved config), metrics, logs, the model
+        bucket_fs, prefix = storage.filesystem(location, explicit)
+        written = bucket_fs.find(prefix)
+        assert len(written) > 20
+        assert not [p for p in written if seaweedfs.secret_key.encode() in bucket_fs.cat_file(p)]
 
-        # Ray's token authentication refuses a client without the token
+        # Ray's token authentication refuses a client without the token: over HTTP and as a driver
         status, _ = dashboard(dashboard_port, "/api/jobs/", None)
         assert status in (401, 403), status
+        intruder = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address='{address}')"],
+                                  env={**driver_env, "RAY_AUTH_TOKEN": "0" * 32}, capture_output=True, text=True,
+                                  timeout=120)
+        assert intruder.returncode != 0, intruder.stderr[-2000:]
         # what Ray shows about the jobs: the runtime_env carried the code and the endpoint, never a key
         status, jobs = dashboard(dashboard_port, "/api/jobs/", token)
         assert status == 200 and "py_modules" in jobs and seaweedfs.endpoint_url in jobs, jobs[:2000]
