@@ -199,7 +199,7 @@ def main() -> None:
     if ray_address:
         import ray
 
-        ray.init(log_to_driver=True, include_dashboard=False, runtime_env=runtime_env, **ray_init_kwargs(ray_address))
+        ray.init(log_to_driver=True, runtime_env=runtime_env, **ray_init_kwargs(ray_address))
         if ship_credentials:  # ingest put the config's keys in this process's environment
             BoundedDownloader.credentials = {k: os.environ[k] for k in storage.CREDENTIAL_VARIABLES if k in os.environ}
         spec["distributor"] = "ray"

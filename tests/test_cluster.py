@@ -42,16 +42,6 @@ def test_runtime_env_ships_the_code_and_no_secret() -> None:
     assert "py_modules" not in cluster.runtime_env(config, ship_code=False)  # a local Ray shares this interpreter
 
 
-def test_no_address_starts_a_ray_of_our_own(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.cluster import ray_init_kwargs
-
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert ray_init_kwargs(None) == {"address": "local"}  # not whatever `ray start` runs on this machine
-    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # a RayJob's entrypoint: the cluster KubeRay made
-    assert ray_init_kwargs(None) == {"address": None}
-    assert ray_init_kwargs("127.0.0.1:6379") == {"address": "127.0.0.1:6379", "_node_ip_address": "127.0.0.1"}
-
-
 def test_a_node_without_clipforge_is_named_in_one_line() -> None:
     from pipeline import cluster
 

@@ -123,7 +123,7 @@ def _run(dataset, output: Path, steps: int, resume_from: Path | None = None, **c
             shutil.copytree(directory, target, dirs_exist_ok=True)
             saved.append(target)
 
-    train_loop(config, tokenizer, report, resume_from=resume_from, progress=False)
+    train_loop(config, tokenizer, report, resume_from=resume_from)
     return saved
 
 

@@ -20,20 +20,21 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from pydantic import Field
-from tqdm import tqdm
 
 from pipeline.config import Config
 from pipeline.manifest import read_manifest
 from pipeline.storage import StorageConfig
 from training.checkpoint import load_optimizer_state, load_weights, read_state, save_checkpoint
 from training.data import make_loader, steps_per_epoch
+from training.device import DeviceSetting, Precision, PrecisionSetting, autocast, describe, hardware_name, resolve_precision
 from training.loss import distributed_clip_loss
 from training.model import CLIP, MODEL_PRESETS, create_model
+from training.progress import Progress
 from training.tokenizer import Tokenizer
 
 Report = Callable[[dict[str, Any], Path | None], None]
@@ -69,8 +70,9 @@ class TrainConfig(Config):
     lr: float = Field(5e-4, gt=0)
     """Peak learning rate, reached after warm-up, then cosine decay to zero."""
 
-    warmup_steps: int = Field(50, ge=0)
-    """Steps of linear learning-rate warm-up."""
+    warmup_steps: int | None = Field(None, ge=0)
+    """Steps of linear learning-rate warm-up. Empty: a tenth of the run's steps (at most 2,000), so that a short run
+    is not spent inside its warm-up."""
 
     weight_decay: float = Field(0.2, ge=0)
     """AdamW weight decay, on weight matrices only (not norms, biases, embeddings or the temperature)."""
@@ -84,8 +86,9 @@ class TrainConfig(Config):
     grad_clip: float | None = Field(1.0, gt=0)
     """Clip the global gradient norm to this. Empty: no clipping."""
 
-    precision: Literal["bf16", "fp32"] = "bf16"
-    """bf16 autocast for the towers (CPU AMX or GPU); the loss and the temperature stay fp32."""
+    precision: PrecisionSetting = "auto"
+    """Autocast of the towers; the loss and the temperature stay fp32. auto: bf16 where the worker's hardware runs it
+    natively (CUDA GPUs with bf16, CPUs with AMX or AVX-512 BF16), else fp32; bf16 or fp32 force it."""
 
     loss_chunk_size: int | None = Field(None, gt=0)
     """Tile the contrastive loss in blocks of this many rows (memory linear in the batch). Empty: dense."""
@@ -96,11 +99,12 @@ class TrainConfig(Config):
     checkpoint_every: int = Field(100, gt=0)
     """Steps between checkpoints (a checkpoint is also written at the end)."""
 
-    log_every: int = Field(10, gt=0)
-    """Steps between metric records."""
+    log_every: int | None = Field(None, gt=0)
+    """Steps between metric records (and progress lines when the output is not a terminal). Empty: about 20
+    records per run, every 1 to 50 steps."""
 
-    loader_workers: int = Field(2, ge=0)
-    """Data-loading processes per training worker."""
+    loader_workers: int | None = Field(None, ge=0)
+    """Data-loading processes per training worker. Empty: sized to the worker's CPUs (see `loader_processes`)."""
 
     shuffle_buffer: int = Field(1000, gt=0)
     """Samples in each loader worker's shuffle buffer."""
@@ -115,10 +119,11 @@ class TrainConfig(Config):
     """Ray Train workers (processes, possibly on several nodes); the global batch is split between them."""
 
     cpus_per_worker: int | None = Field(None, gt=0)
-    """CPUs (and torch threads) per worker. Empty: this machine's CPUs divided by num_workers."""
+    """CPUs each worker reserves, shared by its torch threads and loader processes. Empty: this machine's CPUs
+    divided by num_workers."""
 
-    use_gpu: bool = False
-    """One GPU per worker (NCCL); otherwise CPU with gloo."""
+    device: DeviceSetting = "auto"
+    """auto: one GPU per worker (NCCL) when the Ray cluster has GPUs, else CPUs (gloo); cpu or cuda force it."""
 
     ray_address: str | None = None
     """Ray cluster to join (e.g. 10.0.0.5:6379). Empty: a local Ray started on demand."""
@@ -160,18 +165,31 @@ def learning_rate(step: int, total_steps: int, peak: float, warmup: int) -> floa
     return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _autocast(config: TrainConfig, device: torch.device):
-    if config.precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def warmup_steps(config: TrainConfig, last_step: int) -> int:
+    """The configured warm-up, or a tenth of the run (at most 2,000 steps)."""
+    return config.warmup_steps if config.warmup_steps is not None else min(2_000, last_step // 10)
+
+
+def log_every(config: TrainConfig, last_step: int) -> int:
+    """The configured interval, or about 20 records per run (every 1 to 50 steps)."""
+    return config.log_every or max(1, min(50, last_step // 20))
+
+
+def loader_processes(config: TrainConfig, cpus: int, gpu: bool) -> int:
+    """Loader processes per worker. On a CPU worker the model needs the cores far more than decoding 64-224 px
+    images does (one process keeps the wait share near zero; see README, "CPU threads"); on a GPU worker the CPUs
+    exist to feed the device, one is left for the training process itself."""
+    if config.loader_workers is not None:
+        return config.loader_workers
+    return max(1, cpus - 1) if gpu else max(1, cpus // 8)
 
 
 def contrastive_step(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor, config: TrainConfig,
-                     device: torch.device) -> torch.Tensor:
+                     device: torch.device, precision: Precision = "fp32") -> torch.Tensor:
     """Forward and backward of one step's contrastive loss; gradients are left in the parameters. Returns the loss."""
     k = config.accum_steps
     if k == 1:
-        with _autocast(config, device):
+        with autocast(device, precision):
             image_emb, text_emb, logit_scale = model(images, tokens)
         loss = distributed_clip_loss(image_emb, text_emb, logit_scale, config.loss_chunk_size)
         loss.backward()
@@ -179,7 +197,7 @@ def contrastive_step(model: torch.nn.Module, images: torch.Tensor, tokens: torch
 
     # GradCache: 1) embeddings of every micro-batch without a graph
     image_chunks, token_chunks = images.chunk(k), tokens.chunk(k)
-    with torch.no_grad(), _autocast(config, device):
+    with torch.no_grad(), autocast(device, precision):
         cached = [model(i, t) for i, t in zip(image_chunks, token_chunks)]
     image_emb = torch.cat([c[0] for c in cached]).float().requires_grad_()
     text_emb = torch.cat([c[1] for c in cached]).float().requires_grad_()
@@ -193,7 +211,7 @@ def contrastive_step(model: torch.nn.Module, images: torch.Tensor, tokens: torch
         last = j == k - 1
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
-            with _autocast(config, device):
+            with autocast(device, precision):
                 chunk_image_emb, chunk_text_emb, chunk_scale = model(image_chunk, token_chunk)
             scale_grad = logit_scale.grad if last else torch.zeros_like(logit_scale)
             torch.autograd.backward([chunk_image_emb, chunk_text_emb, chunk_scale],
@@ -218,10 +236,15 @@ def total_steps(config: TrainConfig, epoch_steps: int) -> int:
 
 def train_loop(config: TrainConfig, tokenizer_path: str | Path, report: Report, resume_from: Path | None = None,
                device: str | torch.device = "cpu", prepare_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
-               progress: bool = True) -> dict[str, Any]:
-    """Train until `total_steps`; returns the last metrics. `prepare_model` wraps the model (DDP) from outside."""
+               progress: Progress | None = None, loader_workers: int | None = None) -> dict[str, Any]:
+    """Train until `total_steps`; returns the last metrics. `prepare_model` wraps the model (DDP) from outside;
+    `progress` receives rank 0's progress events (see `training/progress.py`)."""
     device = torch.device(device)
+    precision = resolve_precision(config.precision, device)
     rank, world_size = _distributed()
+    progress = progress if rank == 0 else None
+    if loader_workers is None:
+        loader_workers = loader_processes(config, torch.get_num_threads(), device.type == "cuda")
     if config.batch_size % (world_size * config.accum_steps):
         raise ValueError(f"batch_size {config.batch_size} must divide by num_workers x accum_steps "
                          f"({world_size} x {config.accum_steps})")
@@ -229,6 +252,9 @@ def train_loop(config: TrainConfig, tokenizer_path: str | Path, report: Report, 
     manifest = read_manifest(config.data, config.storage)
     epoch_steps = steps_per_epoch(manifest, config.batch_size)
     last_step = total_steps(config, epoch_steps)
+    warmup, record_every = warmup_steps(config, last_step), log_every(config, last_step)
+    runtime = {"device": device.type, "precision": precision, "hardware": hardware_name(device),
+               "world_size": world_size, "loader_workers": loader_workers, "torch_threads": torch.get_num_threads()}
     tokenizer = Tokenizer.load(tokenizer_path)
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank
@@ -254,15 +280,17 @@ def train_loop(config: TrainConfig, tokenizer_path: str | Path, report: Report, 
     trained = prepare_model(model) if prepare_model else model
     image_size = clip.config.image_size
 
-    bar = tqdm(total=last_step, initial=step, desc="train", unit="step", disable=not (progress and rank == 0),
-               dynamic_ncols=True)
+    if progress:
+        progress({"event": "start", "step": step, "total": last_step,
+                  "runtime": f"{world_size} worker(s), {describe(device, precision)}, {loader_workers} loader "
+                             f"process(es) and {torch.get_num_threads()} torch threads per worker"})
     metrics: dict[str, Any] = {}
     window = {"samples": 0, "seconds": 0.0, "waiting": 0.0, "loss": 0.0, "steps": 0, "skipped": 0}
     while step < last_step:
         epoch, start_step = divmod(step, epoch_steps)
         loader = make_loader(manifest, tokenizer_path=tokenizer_path, seed=config.seed, epoch=epoch, rank=rank,
                              world_size=world_size, local_batch=local_batch, image_size=image_size,
-                             loader_workers=config.loader_workers, start_step=start_step,
+                             loader_workers=loader_workers, start_step=start_step,
                              shuffle_buffer=config.shuffle_buffer, crop_scale=(config.crop_scale_min, 1.0),
                              storage_config=config.storage)
         batches = iter(loader)
@@ -272,11 +300,12 @@ def train_loop(config: TrainConfig, tokenizer_path: str | Path, report: Report, 
             tick = time.perf_counter()
             batch = next(batches)
             waited = time.perf_counter() - tick
-            lr = learning_rate(step, last_step, config.lr, config.warmup_steps)
+            lr = learning_rate(step, last_step, config.lr, warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
-            loss = contrastive_step(trained, batch["images"].to(device), batch["tokens"].to(device), config, device)
+            loss = contrastive_step(trained, batch["images"].to(device), batch["tokens"].to(device), config, device,
+                                    precision)
             if config.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(clip.parameters(), config.grad_clip)
             optimizer.step()
@@ -288,8 +317,9 @@ def train_loop(config: TrainConfig, tokenizer_path: str | Path, report: Report, 
             window.update(samples=window["samples"] + config.batch_size, seconds=window["seconds"] + elapsed,
                           waiting=window["waiting"] + waited, loss=window["loss"] + loss.item(),
                           steps=window["steps"] + 1, skipped=window["skipped"] + batch["skipped"])
-            bar.update(1)
-            if step % config.log_every == 0 or step == last_step:
+            if progress:
+                progress({"event": "step", "step": step})
+            if step % record_every == 0 or step == last_step:
                 metrics = {
                     "step": step, "epoch": epoch, "loss": window["loss"] / window["steps"], "lr": lr,
                     "logit_scale": clip.logit_scale().item(), "temperature": 1 / clip.logit_scale().item(),
@@ -297,19 +327,19 @@ def train_loop(config: TrainConfig, tokenizer_path: str | Path, report: Report, 
                     "data_wait_share": window["waiting"] / window["seconds"], "skipped_samples": window["skipped"],
                 }
                 history.append(metrics)
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{lr:.1e}", T=f"{metrics['temperature']:.3f}",
-                                sps=f"{metrics['samples_per_second']:.0f}", wait=f"{metrics['data_wait_share']:.0%}")
+                if progress:
+                    progress({"event": "metrics", "step": step, "metrics": metrics})
                 window = dict.fromkeys(window, 0)
                 window["seconds"] = 0.0
             if step % config.checkpoint_every == 0 or step == last_step:
-                _checkpoint(config, clip, tokenizer, optimizer, step, epoch_steps, history, keys_log, rank, report)
-    bar.close()
+                _checkpoint(config, clip, tokenizer, optimizer, step, epoch_steps, history, keys_log, rank, report,
+                            runtime)
     return metrics
 
 
 def _checkpoint(config: TrainConfig, model: CLIP, tokenizer: Tokenizer, optimizer: torch.optim.Optimizer,
                 step: int, epoch_steps: int, history: list[dict], keys_log: list[dict], rank: int,
-                report: Report) -> None:
+                report: Report, runtime: dict[str, Any]) -> None:
     """Every rank reports (Ray Train needs all of them); rank 0 attaches the checkpoint directory."""
     if config.record_sample_keys and dist.is_available() and dist.is_initialized():
         gathered: list[list[dict]] = [None] * dist.get_world_size()  # type: ignore[list-item]
@@ -327,7 +357,7 @@ def _checkpoint(config: TrainConfig, model: CLIP, tokenizer: Tokenizer, optimize
         "step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "samples_seen": step * config.batch_size,
         "rng": {"torch": torch.get_rng_state().tolist(), "python": [python_state[0], list(python_state[1]),
                                                                       python_state[2]]},
-        "config": config.model_dump(mode="json"),
+        "config": config.model_dump(mode="json"), "runtime": runtime,
     }
     with tempfile.TemporaryDirectory(prefix="clipforge-ckpt-") as scratch:
         directory = save_checkpoint(Path(scratch) / f"step_{step:08d}", model, tokenizer, optimizer, state)
