@@ -15,15 +15,15 @@ system-deps:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 		echo "chromium could not be installed: the report screenshot tests will be skipped"
+	@# PostgreSQL for the multi-user Prefect server test (Debian puts initdb in /usr/lib/postgresql/*/bin)
+	@{ command -v initdb || ls /usr/lib/postgresql/*/bin/initdb; } >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } || \
+		echo "postgresql could not be installed: the PostgreSQL-backed Prefect test will be skipped"
 
-$(STAMP): pyproject.toml
+# the same script builds the image (infra/docker/Dockerfile): torch==2.13.0 first, then the project, then the fix-up
+$(STAMP): pyproject.toml infra/install.sh
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# torch first: the exact pin takes the CPU build that lies on these machines' disk
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
-	# img2dataset drags in the `dataclasses` 0.6 backport, which breaks Prefect's server on 3.11
-	$(PY) -m pip uninstall -y -q dataclasses
+	sh infra/install.sh $(PY) dev
 	touch $(STAMP)
 
 demo: $(STAMP)

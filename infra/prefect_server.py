@@ -1,5 +1,9 @@
 """A local Prefect server (SQLite under a given PREFECT_HOME, 127.0.0.1) for development, tests and the demo.
 
+The multi-user form: `database_url` puts its database on PostgreSQL (`infra/postgres.py`) instead of SQLite, and
+`auth_string` (`user:password`) turns on `PREFECT_SERVER_API_AUTH_STRING`, so that every API call but the health
+probe must carry it (`handle.env()` gives clients `PREFECT_API_AUTH_STRING`).
+
 `start_prefect_server(home)` starts `prefect server start` in its own process group with its database at
 `home/prefect.db`, on a free port (or the one given) set through `PREFECT_SERVER_API_HOST` / `PREFECT_SERVER_API_PORT`
 (with `--port` the UI would still call port 4200), waits until `GET /api/health` answers and returns a `PrefectServer`
@@ -62,6 +66,7 @@ class PrefectServer(ServerHandle):
     pid: int
     home: Path
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False, compare=False)
+    auth_string: str | None = field(default=None, repr=False)
     _stopped: bool = field(default=False, repr=False, compare=False)
 
     @property
@@ -78,12 +83,15 @@ class PrefectServer(ServerHandle):
 
     def env(self) -> dict[str, str]:
         """The variables a client process (a flow run, a worker, `prefect` commands) needs to use this server."""
-        return {
+        env = {
             "PREFECT_API_URL": self.api_url,
             "PREFECT_UI_URL": self.ui_url,  # links printed in flow-run logs point here
             "PREFECT_HOME": str(self.home),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         }
+        if self.auth_string:
+            env["PREFECT_API_AUTH_STRING"] = self.auth_string
+        return env
 
     def exports(self) -> str:
         """`export NAME=value` lines for a shell."""
@@ -101,11 +109,14 @@ def start_prefect_server(
     port: int | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     attempts: int = 3,
+    database_url: str | None = None,
+    auth_string: str | None = None,
 ) -> PrefectServer:
     """Start `prefect server start` on 127.0.0.1 with its SQLite database under `home`; return once it is healthy.
 
     `port=None` picks a free port (and tries fresh ones if another process takes it first). Raises
     `PrefectServerError` with the tail of the log when the server exits or is not healthy within `timeout` seconds.
+    `database_url`: a `postgresql+asyncpg://` URL instead of SQLite; `auth_string`: `user:password` required by the API.
     """
     home = Path(home).expanduser().resolve()
     home.mkdir(parents=True, exist_ok=True)
@@ -117,8 +128,8 @@ def start_prefect_server(
             if port is not None:
                 raise PrefectServerError(f"port {chosen} on {HOST} is already in use: pass another port or stop it")
             continue
-        process = _launch(home, chosen)
-        handle = PrefectServer(port=chosen, pid=process.pid, home=home, process=process)
+        process = _launch(home, chosen, database_url, auth_string)
+        handle = PrefectServer(port=chosen, pid=process.pid, home=home, process=process, auth_string=auth_string)
         atexit.register(handle.stop)  # an interrupted test session or script must not leave the server behind
         try:
             _wait_healthy(handle, deadline)
@@ -147,7 +158,8 @@ def prefect_server(home: str | os.PathLike[str], **kwargs) -> Iterator[PrefectSe
 # --- starting -------------------------------------------------------------------------------------------------------
 
 
-def _server_env(home: Path, port: int) -> dict[str, str]:
+def _server_env(home: Path, port: int, database_url: str | None = None,
+                auth_string: str | None = None) -> dict[str, str]:
     env = {
         name: value
         for name, value in os.environ.items()
@@ -160,10 +172,16 @@ def _server_env(home: Path, port: int) -> dict[str, str]:
         PREFECT_API_URL=f"http://{HOST}:{port}/api",  # what the server's own services and UI call
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
     )
+    if database_url:  # in the environment only: a password in a URL must not reach a command line (`ps`)
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
+    if auth_string:
+        env["PREFECT_SERVER_API_AUTH_STRING"] = auth_string
+        env["PREFECT_API_AUTH_STRING"] = auth_string  # the server's own services call its API too
     return env
 
 
-def _launch(home: Path, port: int) -> subprocess.Popen[bytes]:
+def _launch(home: Path, port: int, database_url: str | None = None,
+            auth_string: str | None = None) -> subprocess.Popen[bytes]:
     command = [sys.executable, "-m", "prefect", "server", "start"]
     with open(home / LOG_NAME, "ab") as out:
         out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} port {port}: {' '.join(command)}\n".encode())
@@ -171,7 +189,7 @@ def _launch(home: Path, port: int) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             command,
             cwd=home,
-            env=_server_env(home, port),
+            env=_server_env(home, port, database_url, auth_string),
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -251,6 +269,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to wait for health (default: %(default)s)"
     )
+    parser.add_argument("--database-url", default=os.environ.get("CLIPFORGE_PREFECT_DATABASE_URL"),
+                        help="postgresql+asyncpg://... from `python -m infra.postgres` (default: "
+                             "$CLIPFORGE_PREFECT_DATABASE_URL, else SQLite under HOME)")
+    parser.add_argument("--auth-string", default=os.environ.get("CLIPFORGE_PREFECT_AUTH_STRING"),
+                        help="user:password every API client must send (default: $CLIPFORGE_PREFECT_AUTH_STRING, "
+                             "else none)")
     args = parser.parse_args(argv)
 
     stop_requested = threading.Event()
@@ -258,7 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop_requested.set())
     started = time.monotonic()
     try:
-        server = start_prefect_server(args.home, port=args.port or None, timeout=args.timeout)
+        server = start_prefect_server(args.home, port=args.port or None, timeout=args.timeout,
+                                      database_url=args.database_url, auth_string=args.auth_string)
     except PrefectServerError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -6,11 +6,20 @@ the output with `PlacementGroupCleaner ... Failed to query` warnings) and a pers
 printed. It runs in a process group of its own: Ctrl-C in the terminal reaches this process only, and when the job
 ends (normally, by an error, Ctrl-C or SIGTERM) that group is stopped by its id, the dashboard and runtime-env agents
 included. A joined cluster is only disconnected from.
+
+What a job sends to the nodes of a cluster it joins by address (`RAY_ADDRESS`, set by KubeRay for a RayJob's
+entrypoint, counts as one):
+- the code: the project's packages (`pipeline`, `training`) as Ray `py_modules`, so a node needs only the third-party
+  dependencies (the image `infra/docker/Dockerfile`, or the same venv), not clipforge itself;
+- storage settings that are not secret (endpoint, region, profile name) as `runtime_env` variables. Ray shows a job's
+  runtime_env in its dashboard and State API, so credentials never go there: keys given in the config travel as a
+  Ray object (`ship_credentials`), and otherwise every node uses the credentials of its own environment.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import signal
@@ -24,7 +33,11 @@ from typing import Any
 
 import psutil
 
+from pipeline import storage
 from pipeline.errors import UserError
+
+# the packages a Ray worker imports: training's worker function and the pipeline code it calls
+WORKER_PACKAGES = ("pipeline", "training")
 
 
 def ray_init_kwargs(address: str | None) -> dict[str, Any]:
@@ -139,7 +152,7 @@ def stop_local_ray(process: subprocess.Popen, grace: float = 10.0) -> None:
 
 @contextlib.contextmanager
 def ray_session(address: str | None = None, env_vars: dict[str, str] | None = None,
-                num_cpus: int | None = None) -> Iterator[None]:
+                num_cpus: int | None = None, packages: tuple[str, ...] = WORKER_PACKAGES) -> Iterator[None]:
     """Ray for the block: the cluster at `address`, or a local Ray started now and taken down on exit.
 
     A Ray already initialised in this process (a test, a flow that keeps it) is used as it is and left running.
@@ -152,17 +165,86 @@ def ray_session(address: str | None = None, env_vars: dict[str, str] | None = No
         yield
         return
     local = None
+    address = address or os.environ.get("RAY_ADDRESS") or None  # a RayJob's entrypoint: the cluster KubeRay made
     if not address:
         local, address, dashboard = start_local_ray(num_cpus)
         print(f"Ray dashboard: {dashboard} (while the job runs)", file=sys.stderr, flush=True)
     try:
         # RAY_ADDRESS for every process of the job: Ray Train's controller asks the State API for "the" cluster,
         # which fails on a machine that runs more than one Ray
+        # a joined cluster's nodes may lack clipforge: its packages travel with the job
+        code = code_runtime_env(packages) if local is None else {}
         ray.init(log_to_driver=False, logging_level=logging.WARNING,  # ray
-                 runtime_env={"env_vars": {**(env_vars or {}), "RAY_ADDRESS": address}}, **ray_init_kwargs(address))
+                 runtime_env={"env_vars": {**(env_vars or {}), "RAY_ADDRESS": address}, **code},
+                 **ray_init_kwargs(address))
         yield
     finally:
         if local is not None:
             stop_local_ray(local)  # first: a training thread still waiting on the cluster cannot hold shutdown up
         with contextlib.suppress(Exception):
             ray.shutdown()  # ray
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# what travels to the nodes
+
+
+def package_dirs(packages: tuple[str, ...] = WORKER_PACKAGES) -> list[str]:
+    """The folders of the project's packages as this process imports them (what `py_modules` uploads)."""
+    dirs = []
+    for name in packages:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        dirs.append(str(Path(next(iter(spec.submodule_search_locations))).resolve()))
+    return dirs
+
+
+def code_runtime_env(packages: tuple[str, ...] = WORKER_PACKAGES) -> dict[str, Any]:
+    """The `runtime_env` fields that ship the project's packages to every node (a package URI in Ray's job API)."""
+    return {"py_modules": package_dirs(packages), "excludes": ["__pycache__", "*.pyc"]}
+
+
+def runtime_env(storage_config: storage.StorageConfig | None, ship_code: bool,
+                packages: tuple[str, ...] = WORKER_PACKAGES) -> dict[str, Any] | None:
+    """The `runtime_env` of a job: the code when `ship_code` (joining a cluster by address), the storage settings.
+
+    Nothing in it is secret: Ray records it in the job table that `GET /api/jobs/` and `ray list jobs` show.
+    """
+    env: dict[str, Any] = {}
+    variables = storage.cluster_env(storage_config)
+    if variables:
+        env["env_vars"] = variables
+    if ship_code:
+        env.update(code_runtime_env(packages))
+    return env or None
+
+
+def ship_credentials(storage_config: storage.StorageConfig | None) -> Any:
+    """A Ray object holding the config's explicit keys (None when there are none), for workers to `adopt`.
+
+    An object's value is sent to the workers that read it and to nowhere else: it is not in the job table, the State
+    API's task and actor records, Ray Train's run records or the logs (tests/test_cluster.py greps all of them).
+    """
+    import ray  # ray
+
+    credentials = storage.explicit_credentials(storage_config)
+    return ray.put(credentials) if credentials else None  # ray
+
+
+def adopt_credentials(credentials_ref: Any) -> None:
+    """In a Ray worker: take the driver's explicit keys, if it shipped any, for this process's storage calls."""
+    if credentials_ref is not None:
+        import ray  # ray
+
+        storage.adopt_credentials(ray.get(credentials_ref))  # ray
+
+
+def missing_code_message(err: BaseException) -> str | None:
+    """A one-line explanation when a Ray worker could not import the project, else None."""
+    text = f"{type(err).__name__}: {err}"
+    for package in ("pipeline", "training", "flows"):
+        if f"No module named '{package}" in text:
+            return (f"a Ray node could not import clipforge ({text.splitlines()[0]}): install it on every node (the "
+                    "image infra/docker/Dockerfile) or join the cluster by address, which ships the code to the nodes")
+    return None

@@ -32,6 +32,7 @@ import img2dataset.downloader
 import img2dataset.logger
 from PIL import Image
 
+from pipeline import storage
 from pipeline.cluster import ray_init_kwargs
 from pipeline.failures import Fault
 
@@ -154,18 +155,23 @@ class BoundedDownloader(img2dataset.downloader.Downloader):
 
     limits: DownloadLimits = DownloadLimits()  # set on the class by main(), copied into each pickled instance
     tie_to_parent: bool = True
+    # explicit storage keys for Ray tasks on other nodes: the pickled instance is a task argument (an object in
+    # Ray's object store), which Ray neither logs nor shows in its APIs, unlike a runtime_env
+    credentials: dict[str, str] = {}
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.limits = type(self).limits
         self.tie_to_parent = type(self).tie_to_parent
+        self.credentials = type(self).credentials
 
     def __call__(self, row):
         global _limits
         _limits = self.limits
         if self.tie_to_parent:
             die_with_parent()
-        else:  # a Ray task: say where it ran (the driver's log collects these lines)
+        else:  # a Ray task: take the driver's explicit keys; say where it ran (the driver's log collects these lines)
+            storage.adopt_credentials(self.credentials)
             print(f"clipforge: shard {row[0]} downloaded by ray task pid {os.getpid()} on {os.uname().nodename}")
         return super().__call__(row)
 
@@ -187,11 +193,15 @@ def main() -> None:
         spec = json.load(f)
     limits = DownloadLimits(**spec.pop("limits"))
     ray_address = spec.pop("ray_address", None)
+    runtime_env = spec.pop("runtime_env", None)
+    ship_credentials = spec.pop("ship_credentials", False)
     BoundedDownloader.limits = limits
     if ray_address:
         import ray
 
-        ray.init(log_to_driver=True, **ray_init_kwargs(ray_address))
+        ray.init(log_to_driver=True, runtime_env=runtime_env, **ray_init_kwargs(ray_address))
+        if ship_credentials:  # ingest put the config's keys in this process's environment
+            BoundedDownloader.credentials = {k: os.environ[k] for k in storage.CREDENTIAL_VARIABLES if k in os.environ}
         spec["distributor"] = "ray"
         BoundedDownloader.tie_to_parent = False  # Ray workers belong to the raylet, not to us
     i2d_main = sys.modules["img2dataset.main"]  # the package re-exports a function named `main` over the module

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 from tqdm import tqdm
 
-from pipeline import storage
+from pipeline import cluster, storage
 from pipeline.config import Config
 from pipeline.failures import classify_error
 from pipeline.errors import UserError
@@ -328,6 +328,9 @@ def _run_img2dataset(config: IngestConfig, output: str, input_location: str, col
         "limits": {"deadline_seconds": config.download_deadline, "max_bytes": config.max_image_bytes,
                    "max_pixels": config.max_image_pixels},
         "ray_address": config.ray_address,
+        # on a cluster: the code and the non-secret storage settings; keys travel inside the pickled downloader
+        "runtime_env": cluster.runtime_env(config.storage, True, ("pipeline",)) if config.ray_address else None,
+        "ship_credentials": bool(storage.explicit_credentials(config.storage)),
     }
     fs, path = storage.filesystem(output, config.storage)
     with tempfile.TemporaryDirectory(prefix="clipforge-ingest-") as scratch:

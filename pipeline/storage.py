@@ -2,10 +2,16 @@
 
 A location is either a local folder (the embedded default, e.g. `.clipforge/data/shards`) or `s3://bucket/prefix` on
 any S3-compatible endpoint. Endpoint, region and credentials come from `StorageConfig` or, when left empty, from the
-standard AWS variables and profiles (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
-`AWS_DEFAULT_REGION`, `AWS_PROFILE`). Everything else asks this module for a filesystem, a pyarrow filesystem or the
-environment of a child process; nothing else reads those settings. Credentials are `SecretStr`, so they print as
-`**********` in configs, manifests and reports, and `redact()` scrubs them from any message before it is shown.
+standard AWS chain of whichever process runs (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+`AWS_SESSION_TOKEN`, `AWS_DEFAULT_REGION`, `AWS_PROFILE`, then profiles, web identity, instance roles). Everything else
+asks this module for a filesystem, a pyarrow filesystem or the environment of a child process; nothing else reads those
+settings. Credentials are `SecretStr`, so they print as `**********` in configs, manifests and reports, and `redact()`
+scrubs them from any message before it is shown.
+
+On a Ray cluster the two halves travel apart: `cluster_env()` (endpoint, region, profile name: nothing secret) goes
+into the job's `runtime_env`, which Ray shows in its job API; `explicit_credentials()` (keys given in the config) is
+handed to workers as a Ray object and applied there with `adopt_credentials()`. With no keys in the config, nothing
+secret leaves the driver: each node's own environment (a mounted Secret, a profile, a workload identity) provides them.
 """
 
 from __future__ import annotations
@@ -45,6 +51,13 @@ class StorageConfig(Config):
     profile: str | None = None
     """Named profile in ~/.aws/credentials. Empty: `AWS_PROFILE`, else the default chain."""
 
+    session_token: SecretStr | None = None
+    """Session token of temporary keys (STS). Empty: `AWS_SESSION_TOKEN` when the keys come from the environment."""
+
+
+# the variables that hold secrets: never in a Ray runtime_env, a log, a manifest or a report
+CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
 
 def is_remote(location: str) -> bool:
     return str(location).startswith(S3_SCHEME)
@@ -74,6 +87,7 @@ def _resolved(storage: StorageConfig) -> dict[str, str | None]:
         "region": storage.region or env.get("AWS_DEFAULT_REGION") or env.get("AWS_REGION"),
         "key": _secret(storage.access_key_id),
         "secret": _secret(storage.secret_access_key),
+        "token": _secret(storage.session_token),
         "profile": storage.profile,
     }
 
@@ -89,6 +103,7 @@ def filesystem(location: str, storage: StorageConfig | None = None) -> tuple[fss
     fs = s3fs.S3FileSystem(
         key=settings["key"],
         secret=settings["secret"],
+        token=settings["token"],
         profile=settings["profile"],
         endpoint_url=settings["endpoint_url"],
         client_kwargs={"region_name": settings["region"]} if settings["region"] else {},
@@ -111,6 +126,8 @@ def pyarrow_filesystem(location: str, storage: StorageConfig | None = None) -> t
         kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
     if settings["key"] and settings["secret"]:
         kwargs.update(access_key=settings["key"], secret_key=settings["secret"])
+        if settings["token"]:
+            kwargs["session_token"] = settings["token"]
     if settings["region"]:
         kwargs["region"] = settings["region"]
     # a directly constructed S3FileSystem ignores AWS_ENDPOINT_URL, hence the explicit endpoint_override above
@@ -127,16 +144,47 @@ def subprocess_env(storage: StorageConfig | None = None) -> dict[str, str]:
         "region": "AWS_DEFAULT_REGION",
         "key": "AWS_ACCESS_KEY_ID",
         "secret": "AWS_SECRET_ACCESS_KEY",
+        "token": "AWS_SESSION_TOKEN",
         "profile": "AWS_PROFILE",
     }
     return {names[k]: v for k, v in settings.items() if v}
 
 
+def cluster_env(storage: StorageConfig | None = None) -> dict[str, str]:
+    """The non-secret part of `subprocess_env` (endpoint, region, profile name), safe to put in a Ray runtime_env."""
+    return {k: v for k, v in subprocess_env(storage).items() if k not in CREDENTIAL_VARIABLES}
+
+
+def explicit_credentials(storage: StorageConfig | None = None) -> dict[str, str]:
+    """The keys given in the config (not the environment's), as AWS variables; empty when none were given.
+
+    These are what a driver hands to workers on other nodes (as a Ray object, never in a runtime_env); credentials
+    that come from the driver's environment stay there, and each node uses its own.
+    """
+    storage = storage or StorageConfig()
+    values = {"AWS_ACCESS_KEY_ID": _secret(storage.access_key_id),
+              "AWS_SECRET_ACCESS_KEY": _secret(storage.secret_access_key),
+              "AWS_SESSION_TOKEN": _secret(storage.session_token)}
+    return {k: v for k, v in values.items() if v}
+
+
+def adopt_credentials(credentials: dict[str, str]) -> None:
+    """In a worker process: use the driver's explicit keys for every library that follows the AWS chain.
+
+    A key pair without a session token must not be mixed with a token this process inherited, hence the removal.
+    """
+    if not credentials:
+        return
+    for name in CREDENTIAL_VARIABLES:
+        os.environ.pop(name, None)
+    os.environ.update({k: v for k, v in credentials.items() if k in CREDENTIAL_VARIABLES})
+
+
 def redact(text: str, storage: StorageConfig | None = None) -> str:
     """Replace every known credential (configured or from the environment) in `text` with `***`."""
     storage = storage or StorageConfig()
-    secrets = [_secret(storage.access_key_id), _secret(storage.secret_access_key)]
-    secrets += [os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")]
+    secrets = [_secret(storage.access_key_id), _secret(storage.secret_access_key), _secret(storage.session_token)]
+    secrets += [os.environ.get(name) for name in CREDENTIAL_VARIABLES]
     for secret in secrets:
         if secret and len(secret) >= 4:
             text = text.replace(secret, "***")

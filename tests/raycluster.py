@@ -19,11 +19,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ray_node(args: list[str], temp_dir: str, env: dict) -> subprocess.Popen:
-    """`ray start --block` in its own process group: stopping it (by its pid) stops that node and nothing else."""
-    ray = str(Path(sys.executable).with_name("ray"))
-    return subprocess.Popen([ray, "start", "--block", "--num-cpus=1", "--disable-usage-stats",
-                             f"--temp-dir={temp_dir}", *args], start_new_session=True, env=env,
+def ray_node(args: list[str], temp_dir: str, env: dict, python: str | None = None) -> subprocess.Popen:
+    """`ray start --block` in its own process group: stopping it (by its pid) stops that node and nothing else.
+
+    `python`: the interpreter the node (and so its workers) runs, e.g. one without clipforge; default this one's.
+    """
+    ray = [python, "-m", "ray.scripts.scripts"] if python else [str(Path(sys.executable).with_name("ray"))]
+    return subprocess.Popen([*ray, "start", "--block", "--num-cpus=1", "--disable-usage-stats",
+                             f"--temp-dir={temp_dir}", *args], start_new_session=True, env=env, cwd=temp_dir,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

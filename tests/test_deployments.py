@@ -38,13 +38,14 @@ class Served:
         return self.serve_log.read_text(errors="replace")[-chars:]
 
 
-def _client(api_url: str):
+def _client(api_url: str, auth_string: str | None = None):
     from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
     class _Client:  # a sync client bound to the test's server, whatever the process settings say
         def __enter__(self):
-            self._settings = temporary_settings(updates={PREFECT_API_URL: api_url})
+            self._settings = temporary_settings(updates={PREFECT_API_URL: api_url,
+                                                         PREFECT_API_AUTH_STRING: auth_string})
             self._settings.__enter__()
             self._client = get_client(sync_client=True).__enter__()
             return self._client

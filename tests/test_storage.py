@@ -225,3 +225,48 @@ def test_subprocess_env_lets_a_child_process_list_the_bucket(seaweedfs: SeaweedF
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"{prefix}/hello.txt" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# what travels to Ray workers (fast: no server)
+
+
+def test_cluster_env_carries_the_endpoint_but_no_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in AWS_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "env-key-id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "env-secret")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "env-token")
+    config = StorageConfig(endpoint_url="http://127.0.0.1:9", region="eu-west-3", profile="team",
+                           access_key_id=SecretStr("cfg-key-id"), secret_access_key=SecretStr("cfg-secret"),
+                           session_token=SecretStr("cfg-token"))
+    assert storage.cluster_env(config) == {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_DEFAULT_REGION": "eu-west-3",
+                                           "AWS_PROFILE": "team"}
+    # only keys given in the config are shipped; the driver's environment stays on the driver
+    assert storage.explicit_credentials(config) == {"AWS_ACCESS_KEY_ID": "cfg-key-id",
+                                                    "AWS_SECRET_ACCESS_KEY": "cfg-secret",
+                                                    "AWS_SESSION_TOKEN": "cfg-token"}
+    assert storage.explicit_credentials(StorageConfig()) == {}
+    assert storage.redact("token cfg-token and env-token", config) == "token *** and ***"
+
+
+def test_session_token_reaches_both_filesystems(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pickle
+
+    config = StorageConfig(endpoint_url="http://127.0.0.1:9", access_key_id=SecretStr("key-id"),
+                           secret_access_key=SecretStr("secret"), session_token=SecretStr("session-token-123"))
+    fs, _ = storage.filesystem("s3://bucket/x", config)
+    assert fs.token == "session-token-123"
+    arrow, _ = storage.pyarrow_filesystem("s3://bucket/x", config)
+    assert b"session-token-123" in pickle.dumps(arrow)  # what Ray Train's workers unpickle
+    assert "session-token-123" not in str(arrow)
+
+
+def test_adopted_credentials_replace_a_token_the_worker_inherited(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "inherited-token")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "inherited-id")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)  # so that monkeypatch restores what adopt sets
+    storage.adopt_credentials({"AWS_ACCESS_KEY_ID": "shipped-id", "AWS_SECRET_ACCESS_KEY": "shipped-secret"})
+    assert os.environ["AWS_ACCESS_KEY_ID"] == "shipped-id" and "AWS_SESSION_TOKEN" not in os.environ
+    storage.adopt_credentials({})  # nothing shipped: the worker's own environment stays
+    assert os.environ["AWS_ACCESS_KEY_ID"] == "shipped-id"

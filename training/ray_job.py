@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from pipeline import storage
+from pipeline import cluster, storage
 from pipeline.cluster import ray_session
 from pipeline.errors import UserError
 from pipeline.manifest import Manifest, read_manifest
@@ -61,8 +61,9 @@ def run_name(config: TrainConfig) -> str:
 
 
 def _worker_config(config: TrainConfig) -> dict[str, Any]:
-    """The config as the workers get it: credentials travel in the workers' environment, never in the config."""
-    return config.model_dump(mode="json", exclude={"storage": {"access_key_id", "secret_access_key"}})
+    """The config as the workers get it: credentials come from the workers' environment or a Ray object, never this."""
+    return config.model_dump(mode="json",
+                             exclude={"storage": {"access_key_id", "secret_access_key", "session_token"}})
 
 
 def _cpus(config: TrainConfig) -> int:
@@ -89,6 +90,7 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     import ray.train  # ray
     import ray.train.torch  # ray
 
+    cluster.adopt_credentials(loop_config.get("credentials"))  # ray: the driver's explicit keys, if any
     config = TrainConfig.model_validate(loop_config["config"])  # re-validated on the worker
     torch.set_num_threads(loop_config["threads"])
     context = ray.train.get_context()  # ray
@@ -266,8 +268,10 @@ def run_training(config: TrainConfig) -> TrainResult:
     manifest = validate(config)
     tokenizer = prepare_tokenizer(config, manifest)
     name = run_name(config)
-    worker_env = storage.subprocess_env(config.storage)
+    # code and non-secret storage settings travel in the runtime_env (visible in Ray's job API); keys never do
+    worker_env = storage.cluster_env(config.storage)
     with ray_session(config.ray_address, worker_env):
+        credentials = cluster.ship_credentials(config.storage)  # ray: an object, not recorded anywhere
         use_gpu, cpus = _use_gpu(config), _cpus(config)
         loaders = loader_processes(config, cpus, use_gpu)
         threads = max(1, cpus - loaders) if use_gpu else cpus  # on CPU the loader processes mostly sleep
@@ -280,7 +284,7 @@ def run_training(config: TrainConfig) -> TrainResult:
         trainer = TorchTrainer(  # ray
             _train_worker,
             train_loop_config={"config": _worker_config(config), "tokenizer": tokenizer, "threads": threads,
-                               "loader_workers": loaders, "progress": queue},
+                               "loader_workers": loaders, "progress": queue, "credentials": credentials},
             scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu,  # ray
                                                    resources_per_worker={"CPU": cpus}),
             run_config=ray.train.RunConfig(  # ray
@@ -298,6 +302,8 @@ def run_training(config: TrainConfig) -> TrainResult:
             cause = err
             while cause.__cause__ is not None:
                 cause = cause.__cause__
+            if message := cluster.missing_code_message(cause):
+                raise UserError(message) from err
             raise UserError(f"training failed: {type(cause).__name__}: "
                             f"{storage.redact(str(cause)).splitlines()[0]}") from err
         finally:
