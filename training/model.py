@@ -144,12 +144,19 @@ class VisionTransformer(nn.Module):
         )
         self.ln_post = nn.LayerNorm(width)
         self.projection = nn.Linear(width, config.embed_dim, bias=False)
+        self.patch_dropout = 0.0  # share of patch tokens dropped in training (FLIP); set by the training code
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, patch_dropout: float | None = None) -> torch.Tensor:
         x = self.patch_embed(images)  # (B, C, g, g)
-        x = x.flatten(2).transpose(1, 2)  # (B, g*g, C)
-        class_token = self.class_token.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, C)
-        x = torch.cat([class_token, x], dim=1) + self.position_embedding.to(x.dtype)  # (B, T = g*g + 1, C)
+        x = x.flatten(2).transpose(1, 2) + self.position_embedding[1:].to(x.dtype)  # (B, g*g, C)
+        rate = self.patch_dropout if patch_dropout is None else patch_dropout
+        if self.training and rate > 0:  # FLIP: keep a random subset of patches per image, never at evaluation
+            keep = max(1, round(x.shape[1] * (1 - rate)))
+            kept = torch.rand(x.shape[:2], device=x.device).argsort(dim=1)[:, :keep]  # (B, keep)
+            x = x.gather(1, kept.unsqueeze(-1).expand(-1, -1, x.shape[2]))  # (B, keep, C)
+        class_token = self.class_token + self.position_embedding[0]
+        class_token = class_token.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, C)
+        x = torch.cat([class_token, x], dim=1)  # (B, T = kept patches + 1, C)
         x = self.ln_pre(x)
         for block in self.blocks:
             x = block(x)

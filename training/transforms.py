@@ -1,7 +1,9 @@
 """Image preprocessing shared by training and evaluation: decode, crop, resize, normalise (PIL + torch, no torchvision).
 
 Training uses a random resized crop (and no flip: captions say "left" and "right"); evaluation resizes the shorter
-side and takes the centre. Both normalise with CLIP's channel statistics.
+side and takes the centre. Both normalise with CLIP's channel statistics. The training loader stops before that:
+its processes hand over uint8 crops (`train_crop`, a quarter of the bytes of fp32) and the training process
+normalises whole batches on its device (`normalize`).
 """
 
 from __future__ import annotations
@@ -33,10 +35,20 @@ def decode(data: bytes) -> Image.Image:
     return image
 
 
+def to_uint8(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> (3, H, W) uint8 tensor."""
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()  # (3, H, W)
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., 3, H, W) -> float32 normalised with CLIP's mean and std, on the images' device."""
+    mean, std = _MEAN.to(images.device, non_blocking=True), _STD.to(images.device, non_blocking=True)
+    return (images.float() / 255.0 - mean) / std
+
+
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> (3, H, W) float tensor normalised with CLIP's mean and std."""
-    array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # (H, W, 3)
-    return (array.permute(2, 0, 1).float() / 255.0 - _MEAN) / _STD
+    return normalize(to_uint8(image))
 
 
 def center_crop(image: Image.Image, size: int) -> Image.Image:
@@ -68,6 +80,11 @@ def eval_transform(data: bytes, size: int) -> torch.Tensor:
     return to_tensor(center_crop(decode(data), size))
 
 
+def train_crop(data: bytes, size: int, rng: random.Random, scale: tuple[float, float] = (0.8, 1.0)) -> torch.Tensor:
+    """Encoded bytes -> (3, size, size) uint8 tensor with a random resized crop drawn from `rng` (not normalised)."""
+    return to_uint8(random_resized_crop(decode(data), size, rng, scale))
+
+
 def train_transform(data: bytes, size: int, rng: random.Random, scale: tuple[float, float] = (0.8, 1.0)) -> torch.Tensor:
     """Encoded bytes -> (3, size, size) tensor with a random resized crop drawn from `rng`."""
-    return to_tensor(random_resized_crop(decode(data), size, rng, scale))
+    return normalize(train_crop(data, size, rng, scale))
