@@ -34,7 +34,8 @@ from training.tokenizer import Tokenizer, train_tokenizer
 from training.train import TrainConfig, default_tokenizer_vocab, total_steps, train_loop
 
 # settings that do not change what is trained: a re-run that changes only these resumes the same run
-_OPERATIONAL = {"ray_address", "max_failures", "run_name", "log_every", "loader_workers", "cpus_per_worker",
+_OPERATIONAL = {"ray_address", "max_failures", "run_name", "log_every", "loader_workers", "cpus_per_worker", "compile",
+                "activation_checkpointing",
                 "storage", "record_sample_keys", "output"}
 
 
