@@ -16,6 +16,7 @@ import training.data
 from pipeline.manifest import read_manifest
 from tests.shards import write_dataset, write_tokenizer
 from training.data import make_loader, plan_epoch, steps_per_epoch
+from training.transforms import device_crops, normalize
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +136,13 @@ def test_old_datasets_without_the_index_read_the_same_samples(tmp_path, monkeypa
     indexed, _, _ = _rank1_resumed(tmp_path, monkeypatch, with_index=True)
     keys, _, _ = _rank1_resumed(tmp_path, monkeypatch, with_index=False)
     assert keys == indexed
+
+
+def test_device_crops_cut_the_drawn_box_and_normalise() -> None:
+    """The loader hands over whole uint8 images and a box per sample; the device cuts, resizes and normalises."""
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    same_size = torch.tensor([[0, 0, 64, 64], [10, 20, 32, 32]], dtype=torch.int32)
+    whole = device_crops(images, same_size[:1].expand(2, 4), 64)
+    torch.testing.assert_close(whole, normalize(images), atol=1e-4, rtol=0)  # the full box is the identity
+    cut = device_crops(images, same_size, 32)
+    torch.testing.assert_close(cut[1], normalize(images[1, :, 20:52, 10:42]), atol=1e-4, rtol=0)  # a pure crop

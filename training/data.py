@@ -16,7 +16,8 @@ of samples at the end of its slice because of them wraps around to the start of 
 Feeding a GPU: one DataLoader serves all the epochs of a run (`num_epochs`), so its processes live across epochs and
 the next epoch's first batches are read while the last ones of this epoch train; worker roles are rotated per epoch so
 that torch's round-robin still yields the steps in order. Processes hand over uint8 images (normalised on the device
-by `training.transforms.normalize`), into pinned memory when asked. A segment that starts inside a shard reads only
+with their random crop boxes, cut, resized and normalised on the device by `training.transforms.device_crops`),
+into pinned memory when asked. A segment that starts inside a shard reads only
 its own bytes: the manifest's per-shard sample offsets give its byte range, fetched in ranged reads through one
 filesystem per process (old manifests without offsets: local shards are indexed on first use by reading their tar
 headers; remote ones are read from the start as before).
@@ -209,7 +210,8 @@ def _shuffled(samples: Iterator[dict], buffer_size: int, rng: random.Random) -> 
 
 
 class ShardBatches(torch.utils.data.IterableDataset):
-    """Yields dicts {images (B, 3, S, S) uint8, tokens (B, T) int64, keys [B], skipped, padded} for one or more epochs.
+    """Yields dicts {images (B, 3, S, S) uint8, crops (B, 4) int32, tokens (B, T) int64, keys [B], skipped, padded}
+    for one or more epochs; `training.transforms.device_crops(images, crops, S)` gives the model's input.
 
     `plans[i]` holds the loader-worker plans of epoch `epochs[i]`; each worker runs its plan of every epoch in turn.
     """
@@ -242,7 +244,7 @@ class ShardBatches(torch.utils.data.IterableDataset):
         for _ in range(plan.skip_batches * self.local_batch):  # already trained on before the resume
             next(samples, None)
         produced, skipped, padded, wrapped = plan.skip_batches, 0, 0, False
-        images, captions, keys = [], [], []
+        images, boxes, captions, keys = [], [], [], []
         while produced < plan.batches:
             sample = next(samples, None)
             if sample is None:  # slice exhausted early because of corrupt samples: wrap around
@@ -252,20 +254,23 @@ class ShardBatches(torch.utils.data.IterableDataset):
                 continue
             try:
                 rng = random.Random(_seed(self.seed, epoch, sample["__key__"]))
-                image = train_crop(sample["jpg"], self.image_size, rng, self.crop_scale)  # uint8: normalised on device
+                image, box = train_crop(sample["jpg"], self.image_size, rng, self.crop_scale)  # cut on the device
                 caption = sample["txt"].decode("utf-8")
             except Exception:  # noqa: BLE001 - a corrupt sample is skipped and counted, never fatal
                 skipped += 1
                 continue
             images.append(image)
+            boxes.append(box)
             captions.append(caption)
             keys.append(sample["__key__"])
             padded += wrapped
             if len(images) == self.local_batch:
-                yield {"images": torch.stack(images), "tokens": tokenizer.encode_batch(captions), "keys": keys,
-                       "skipped": skipped + len(errors), "padded": padded}
+                images = torch.stack([i.permute(1, 2, 0) for i in images]).permute(0, 3, 1, 2)  # channels-last: a memcpy
+                yield {"images": images, "crops": torch.tensor(boxes, dtype=torch.int32),
+                       "tokens": tokenizer.encode_batch(captions), "keys": keys, "skipped": skipped + len(errors),
+                       "padded": padded}
                 produced += 1
-                images, captions, keys, skipped, padded = [], [], [], 0, 0
+                images, boxes, captions, keys, skipped, padded = [], [], [], [], 0, 0
                 errors.clear()
 
 

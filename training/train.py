@@ -38,7 +38,7 @@ from training.model import CLIP, MODEL_PRESETS, create_model
 from training.parallel import (apply_activation_checkpointing, clip_grad_norm, compile_blocks, full_state_dict, is_sharded,
                                load_sharded, make_optimizer, resolve_compile, save_sharded, shard_model)
 from training.tokenizer import Tokenizer
-from training.transforms import normalize
+from training.transforms import device_crops
 
 Report = Callable[[dict[str, Any], Path | None], None]
 
@@ -307,7 +307,8 @@ def train_loop(config: TrainConfig, tokenizer_path: str | Path, report: Report, 
             group["lr"] = lr
         clip.visual.patch_dropout = config.patch_dropout if step < last_step - config.patch_dropout_final_steps else 0.0
         optimizer.zero_grad(set_to_none=True)
-        images = normalize(batch["images"].to(device, non_blocking=True))  # uint8 over the bus, fp32 on the device
+        images = device_crops(batch["images"].to(device, non_blocking=True),  # uint8 over the bus, cut on the device
+                              batch["crops"].to(device, non_blocking=True), image_size)
         loss = contrastive_step(trained, images, batch["tokens"].to(device, non_blocking=True), config, device)
         if config.grad_clip is not None:
             clip_grad_norm(clip, config.grad_clip)
