@@ -6,7 +6,7 @@
 
 Nothing is synthetic: the bundled catalog is rendered at 224 px, served over loopback and ingested by `clipforge
 ingest` (see bench/catalog_shards.py); `run_training` then trains on it with Ray Train, one worker per GPU (DDP or
-FSDP2), the real loader (uint8 batches, pinned memory, persistent processes), bf16 autocast, torch.compile and fused
+FSDP2), the real loader (uint8 batches, pinned memory, persistent processes), bf16 autocast ("auto" precision), torch.compile and fused
 AdamW. The figures are medians over the logged windows after the first (compilation and loader start-up). MFU is
 3 x the analytic forward FLOPs of the tokens actually run (patch dropout lowers them) x samples/s per GPU, over the
 GPU's datasheet dense bf16 peak.
@@ -53,14 +53,14 @@ def run(preset: str, data: str, args: argparse.Namespace, gpus: int) -> dict[str
     from training.ray_job import run_training
     from training.train import TrainConfig
 
-    device = {"use_gpu": gpus > 0} if "use_gpu" in TrainConfig.model_fields else {}  # `device: auto` after issue 9
+    device = {"device": "cuda" if gpus else "cpu"}
     workers = max(1, gpus)
     with tempfile.TemporaryDirectory(prefix="bench-gpu-train-") as scratch:
         config = TrainConfig(
             data=data, output=str(Path(scratch) / "run"), preset=preset, steps=args.steps,
             batch_size=args.batch_size * workers, num_workers=workers, warmup_steps=5, log_every=args.log_every,
             checkpoint_every=args.steps, strategy=args.strategy, patch_dropout=args.patch_dropout,
-            precision="bf16", run_name=f"bench-{preset}-{os.getpid()}", tokenizer_vocab_size=args.vocab_size,
+            precision="auto", run_name=f"bench-{preset}-{os.getpid()}", tokenizer_vocab_size=args.vocab_size,
             **({"compile": False} if args.smoke else {}), **device,
         )
         run_training(config)

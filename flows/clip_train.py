@@ -13,6 +13,11 @@ model, the datasets and the HTML reports are.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -21,10 +26,11 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from flows.brand_flow import brand_score_flow
 from flows.evaluate_flow import evaluate_flow, headline_metrics, metric_rows
 from flows.ingest_flow import ingest_flow
-from flows.params import (ClipTrainRegistry, EvaluationSettings, IngestParams, TrainSettings, BrandSettings,
-                          retry_options, settings_dump)
+from flows.params import (DEMO_SETTINGS, BrandSettings, ClipTrainRegistry, EvaluationSettings, IngestParams,
+                          TrainSettings, retry_options, settings_dump, with_defaults)
 from flows.train_flow import train_flow
 from pipeline import storage
+from pipeline.errors import UserError
 from pipeline.ingest import IngestConfig
 from pipeline.registry import ModelVersion, promote, promoted, register_model
 from pipeline.storage import StorageConfig
@@ -69,48 +75,106 @@ def _config_json(config: Any) -> dict[str, Any]:
     return config.model_dump(mode="json")  # secrets are masked in JSON mode
 
 
+CATALOG_PORT = 18_765
+"""Loopback port the bundled catalog is served on: fixed, so its URL lists (and so the ingest fingerprints) are the
+same on every re-run and finished shards are reused."""
+
+
+@task(name="render-bundled-catalog", **retry_options(retries=0))
+def catalog_task(catalog_dir: str, image_size: int) -> str:
+    """Render the bundled OpenMoji catalog (a no-op when it is already complete)."""
+    from pipeline.catalog import build_openmoji_catalog
+
+    return str(build_openmoji_catalog(catalog_dir, image_size=image_size))
+
+
+class PhaseTimes(dict):
+    """Wall-clock seconds of each phase of a run, in order: `with phases("train"): ...`."""
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self[name] = round(time.monotonic() - start, 1)
+
+    def line(self) -> str:
+        return ", ".join(f"{name} {seconds:.0f} s" for name, seconds in self.items())
+
+
+@contextlib.contextmanager
+def bundled_catalog(ingest: Any, phases: PhaseTimes) -> Iterator[Any]:
+    """While the block runs, the bundled catalog is served over loopback HTTP; yields `ingest` with its URL lists."""
+    from pipeline.catalog import serve_directory, write_url_list
+
+    with phases("catalog"):
+        catalog = catalog_task(ingest.catalog_dir, ingest.image_size)
+    lists = Path(f"{ingest.catalog_dir.rstrip('/')}-lists")
+    with serve_directory(catalog, port=CATALOG_PORT) as base_url:
+        urls = {f"{split}_urls": str(write_url_list(catalog, base_url, split, lists / f"{split}.parquet"))
+                for split in ("train", "val")}
+        get_run_logger().info("bundled OpenMoji catalog served at %s for the run", base_url)
+        yield ingest.model_copy(update=urls)
+
+
 @flow(name="clip-train", log_prints=True)
 def clip_train(
-    ingest: IngestParams,  # type: ignore[valid-type]
+    ingest: IngestParams = IngestParams(),  # type: ignore[valid-type]
     train: TrainSettings = TrainSettings(),  # type: ignore[valid-type]
     evaluation: EvaluationSettings = EvaluationSettings(),  # type: ignore[valid-type]
     brand: BrandSettings = BrandSettings(),
     registry: ClipTrainRegistry = ClipTrainRegistry(),
 ) -> ModelVersion:
-    """Ingest the train and val URL lists, train on Ray, evaluate on val, score brand alignment, register the model."""
-    logger = get_run_logger()
-    ingest_settings = settings_dump(ingest, exclude=("train_urls", "val_urls", "output"))
-    datasets = {
-        split: ingest_flow(IngestConfig(urls=urls, output=storage.join(ingest.output, split), **ingest_settings))
-        for split, urls in (("train", ingest.train_urls), ("val", ingest.val_urls))
-    }
+    """Ingest the train and val URL lists, train on Ray, evaluate on val, score brand alignment, register the model.
+
+    With no URL lists, the main job on the embedded defaults (what `clipforge demo` runs): the bundled OpenMoji
+    catalog served over loopback, with the demo's settings for every field not given."""
+    logger, phases = get_run_logger(), PhaseTimes()
+    use_catalog = ingest.train_urls is None
+    if use_catalog != (ingest.val_urls is None):
+        raise UserError("give both ingest.train_urls and ingest.val_urls, or neither (the bundled catalog)")
+    if use_catalog:
+        ingest, train, evaluation, registry = (with_defaults(settings, DEMO_SETTINGS[name]) for settings, name in
+                                               ((ingest, "ingest"), (train, "train"), (evaluation, "evaluation"),
+                                                (registry, "registry")))
+    with bundled_catalog(ingest, phases) if use_catalog else contextlib.nullcontext(ingest) as ingest, phases("ingest"):
+        ingest_settings = settings_dump(ingest, exclude=("train_urls", "val_urls", "output", "catalog_dir"))
+        datasets = {
+            split: ingest_flow(IngestConfig(urls=urls, output=storage.join(ingest.output, split), **ingest_settings))
+            for split, urls in (("train", ingest.train_urls), ("val", ingest.val_urls))
+        }
     train_config = TrainConfig(data=datasets["train"].location, **settings_dump(train))
-    result = train_flow(train_config)
+    with phases("train"):
+        result = train_flow(train_config)
 
     run_output = storage.absolute(train_config.output)
     eval_config = EvaluateConfig(model=result.model, data=datasets["val"].location,
                                  output=storage.join(run_output, "eval"), **settings_dump(evaluation))
-    metrics = evaluate_flow(eval_config)
+    with phases("evaluate"):
+        metrics = evaluate_flow(eval_config)
 
     brand_summary = None
     if brand.enabled:
         profile = storage.join(run_output, "brand", "profile")
-        brand_summary = brand_score_flow(
-            score=BrandScoreConfig(profile=profile, images=brand.images or datasets["val"].location,
-                                   output=storage.join(run_output, "brand", "scores"), model=result.model,
-                                   threshold_percentile=brand.threshold_percentile, storage=train.storage),
-            build=BrandBuildConfig(model=result.model, images=datasets["train"].location, output=profile,
-                                   holdout_fraction=brand.holdout_fraction, min_images=brand.min_images,
-                                   storage=train.storage),
-        )
+        with phases("brand"):
+            brand_summary = brand_score_flow(
+                score=BrandScoreConfig(profile=profile, images=brand.images or datasets["val"].location,
+                                       output=storage.join(run_output, "brand", "scores"), model=result.model,
+                                       threshold_percentile=brand.threshold_percentile, storage=train.storage),
+                build=BrandBuildConfig(model=result.model, images=datasets["train"].location, output=profile,
+                                       holdout_fraction=brand.holdout_fraction, min_images=brand.min_images,
+                                       storage=train.storage),
+            )
 
-    version = register_task(
-        registry.location, registry.model_name, result.model,
-        config={"ingest": _config_json(ingest), "train": _config_json(train_config),
-                "evaluation": _config_json(eval_config)},
-        metrics={**headline_metrics(metrics), **{f"train.{k}": v for k, v in result.metrics.items()
-                                                 if isinstance(v, int | float) and not isinstance(v, bool)}},
-        dataset=[d.location for d in datasets.values()], parent=None, storage_config=train.storage)
+    with phases("register"):
+        version = register_task(
+            registry.location, registry.model_name, result.model,
+            config={"ingest": _config_json(ingest), "train": _config_json(train_config),
+                    "evaluation": _config_json(eval_config), "runtime": result.runtime},
+            metrics={**headline_metrics(metrics), **{f"train.{k}": v for k, v in result.metrics.items()
+                                                     if isinstance(v, int | float) and not isinstance(v, bool)}},
+            dataset=[d.location for d in datasets.values()], parent=None, storage_config=train.storage)
     current = promoted(registry.location, registry.model_name, train.storage)
     if registry.promote == "always" or (registry.promote == "first" and current is None):
         reason = "first version of the model" if current is None else "clip-train with promote=always"
@@ -121,6 +185,9 @@ def clip_train(
                           f"{current.ref if current else 'none'}")
     logger.info(promotion_note)
 
+    logger.info("phase times: %s", phases.line())
+    fs, path = storage.filesystem(storage.join(run_output, "phases.json"), train.storage)
+    fs.pipe_file(path, json.dumps(phases).encode())
     rows = metric_rows(metrics)
     create_table_artifact(rows, key="clip-train-metrics", description=f"Evaluation of {version.ref} on the val set")
     create_markdown_artifact(

@@ -1,10 +1,11 @@
 """The main job on the embedded defaults: `clipforge demo` (README's first command).
 
-1. render the bundled OpenMoji catalog and serve it over loopback HTTP, exactly as the web would serve it;
-2. start a local Prefect server (SQLite under `.clipforge/prefect`), so the run shows up in its UI;
-3. run the `clip-train` flow: ingest train and val lists -> train the `small` preset on a local Ray started on
-   demand -> zero-shot evaluation and retrieval on val -> brand scoring -> register (and promote) the model;
-4. stop the server and print where the report and the model are.
+1. start a local Prefect server (SQLite under `.clipforge/prefect`), so the run shows up in its UI;
+2. run the `clip-train` flow with no parameters but the locations under the workdir, i.e. on its embedded defaults
+   (exactly what `prefect deployment run clip-train/clip-train` with no parameters runs): render the bundled OpenMoji
+   catalog and serve it over loopback HTTP, ingest its train and val lists, train the `small` preset on a local Ray
+   started on demand, evaluate zero-shot and retrieval on val, score brand alignment, register (and promote);
+3. stop the server and print where the report and the model are, and how long each phase took.
 
 Everything lands in a local folder (the embedded storage default). Re-running it reuses finished work: the catalog,
 the shards and the Ray Train run are picked up where they are.
@@ -21,11 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import storage
-from pipeline.catalog import build_openmoji_catalog, serve_directory, write_url_list
 from pipeline.errors import UserError
-
-DEMO_PORT = 18_765  # fixed, so the URL lists (and so the ingest fingerprints) are the same on every re-run
-
 
 @dataclass(frozen=True)
 class DemoResult:
@@ -38,23 +35,33 @@ class DemoResult:
     brand_report: str
     run: str
     """The training run's folder (checkpoints, metrics.jsonl, tensorboard)."""
+    phases: dict[str, float]
+    """Wall-clock seconds of each phase of the flow run."""
 
 
-def run_demo(workdir: str | Path = ".clipforge", port: int = DEMO_PORT, epochs: int = 4,
-             preset: str = "small") -> DemoResult:
+def demo_parameters(workdir: Path, epochs: int | None = None, precision: str | None = None) -> dict[str, dict]:
+    """The clip-train parameters of the demo: only locations under `workdir` (and the overrides given), so the flow
+    runs on its embedded defaults, exactly as a parameter-less deployment run does."""
+    train: dict[str, object] = {"epochs": epochs} if epochs else {}
+    evaluation: dict[str, object] = {}
+    if precision:
+        train["precision"] = evaluation["precision"] = precision
+    return {"ingest": {"output": str(workdir / "data" / "openmoji"),
+                       "catalog_dir": str(workdir / "catalog" / "openmoji")},
+            "train": {"output": str(workdir / "runs" / "demo"), **train}, "evaluation": evaluation,
+            "registry": {"location": str(workdir / "registry")}}
+
+
+def run_demo(workdir: str | Path = ".clipforge", epochs: int | None = None, precision: str | None = None) -> DemoResult:
     from infra.prefect_server import prefect_server
 
     workdir = Path(workdir).resolve()
-    catalog = build_openmoji_catalog(workdir / "catalog" / "openmoji", image_size=64)
-    with prefect_server(workdir / "prefect") as server, serve_directory(catalog, port=port) as base_url:
+    with prefect_server(workdir / "prefect") as server:
         print(f"Prefect UI: {server.ui_url} (while the demo runs; afterwards `python -m infra.prefect_server "
-              f"--home {workdir / 'prefect'}` shows the finished run)")
-        lists = {split: str(write_url_list(catalog, base_url, split, workdir / "lists" / f"openmoji-{split}.parquet"))
-                 for split in ("train", "val")}
-        spec = {"workdir": str(workdir), "lists": lists, "epochs": epochs, "preset": preset}
+              f"--home {workdir / 'prefect'}` shows the finished run)", flush=True)
         with tempfile.TemporaryDirectory(prefix="clipforge-demo-") as scratch:
             spec_file, result_file = Path(scratch, "spec.json"), Path(scratch, "result.json")
-            spec_file.write_text(json.dumps(spec))
+            spec_file.write_text(json.dumps(demo_parameters(workdir, epochs, precision)))
             # the flow runs in its own process, against the server: it exits (flushing its logs and events to the
             # server) before the server stops
             child = subprocess.run([sys.executable, "-c", "from flows.demo import run_flow; run_flow()",
@@ -66,22 +73,17 @@ def run_demo(workdir: str | Path = ".clipforge", port: int = DEMO_PORT, epochs: 
 
 
 def run_flow() -> None:
-    """Child process: `run_flow SPEC.json RESULT.json` runs clip-train on the demo's settings."""
+    """Child process: `run_flow SPEC.json RESULT.json` runs clip-train with the parameters in SPEC.json."""
     from flows.clip_train import clip_train
     from flows.params import ClipTrainRegistry, EvaluationSettings, IngestParams, TrainSettings
 
-    spec = json.loads(Path(sys.argv[1]).read_text())
-    workdir, run = Path(spec["workdir"]), Path(spec["workdir"]) / "runs" / "demo"
-    version = clip_train(
-        ingest=IngestParams(train_urls=spec["lists"]["train"], val_urls=spec["lists"]["val"],
-                            output=str(workdir / "data" / "openmoji"), image_size=64, samples_per_shard=256,
-                            min_success_rate=0.95),
-        train=TrainSettings(output=str(run), preset=spec["preset"], epochs=spec["epochs"], batch_size=128, lr=5e-4,
-                            warmup_steps=20, checkpoint_every=50),
-        evaluation=EvaluationSettings(label_field="group", templates="emoji"),
-        registry=ClipTrainRegistry(location=str(workdir / "registry"), model_name="openmoji-clip"),
-    )
+    parameters = json.loads(Path(sys.argv[1]).read_text())
+    run = parameters["train"]["output"]
+    version = clip_train(ingest=IngestParams(**parameters["ingest"]), train=TrainSettings(**parameters["train"]),
+                         evaluation=EvaluationSettings(**parameters["evaluation"]),
+                         registry=ClipTrainRegistry(**parameters["registry"]))
     result = DemoResult(model=version.location, version=version.ref,
-                        report=storage.join(str(run), "eval", "report.html"),
-                        brand_report=storage.join(str(run), "brand", "scores", "report.html"), run=str(run))
+                        report=storage.join(run, "eval", "report.html"),
+                        brand_report=storage.join(run, "brand", "scores", "report.html"), run=run,
+                        phases=json.loads(Path(run, "phases.json").read_text()))
     Path(sys.argv[2]).write_text(json.dumps(result.__dict__))

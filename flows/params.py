@@ -60,14 +60,37 @@ IngestSettings = derive(
     "IngestSettings", "How URL lists are downloaded, filtered and resized (the fields of `clipforge ingest`).",
     IngestConfig, drop=("urls", "output"))
 
+# With no URL lists, `clip-train` runs the main job on the embedded defaults, exactly as `clipforge demo` does: the
+# bundled catalog, with these settings for every field the caller did not give (`with_defaults`).
+DEMO_WORKDIR = ".clipforge"
+DEMO_SETTINGS: dict[str, dict[str, Any]] = {
+    "ingest": {"output": f"{DEMO_WORKDIR}/data/openmoji", "image_size": 64, "samples_per_shard": 256,
+               "min_success_rate": 0.95},
+    "train": {"output": f"{DEMO_WORKDIR}/runs/demo", "preset": "small", "epochs": 4, "batch_size": 128, "lr": 5e-4,
+              "warmup_steps": 20, "checkpoint_every": 50},
+    "evaluation": {"label_field": "group", "templates": "emoji"},
+    "registry": {"model_name": "openmoji-clip"},
+}
+
+
+def with_defaults(settings: Config, defaults: dict[str, Any]) -> Config:
+    """`settings` with `defaults` in every field the caller did not set."""
+    return settings.model_copy(update={k: v for k, v in defaults.items() if k not in settings.model_fields_set})
+
 IngestParams = derive(
-    "IngestParams", "The train and validation URL lists and how they are ingested into WebDataset shards.",
+    "IngestParams", "The train and validation URL lists and how they are ingested into WebDataset shards. Without "
+    "URL lists, the bundled OpenMoji catalog is rendered and served over loopback HTTP for the run.",
     IngestConfig, drop=("urls", "output"),
-    train_urls=(str, Field(description="Training URL list: .csv, .tsv, .parquet or .jsonl, local or s3://, "
-                                       "with a URL and a caption column.")),
-    val_urls=(str, Field(description="Validation URL list (same format); evaluation and brand scoring use it.")),
-    output=(str, _described(".clipforge/data/clip-train", "Folder or s3:// prefix: the train shards go to "
+    train_urls=(str | None, _described(None, "Training URL list: .csv, .tsv, .parquet or .jsonl, local or s3://, "
+                                       "with a URL and a caption column. Empty: the bundled OpenMoji catalog's "
+                                       "train split, served over loopback HTTP.")),
+    val_urls=(str | None, _described(None, "Validation URL list (same format); evaluation and brand scoring use "
+                                     "it. Empty: the bundled catalog's validation split (with train_urls empty).")),
+    output=(str, _described(f"{DEMO_WORKDIR}/data/clip-train", "Folder or s3:// prefix: the train shards go to "
                             "<output>/train, the validation shards to <output>/val.")),
+    catalog_dir=(str, _described(f"{DEMO_WORKDIR}/catalog/openmoji", "Local folder the bundled catalog is rendered "
+                                 "into when no URL lists are given (reused when complete); its URL lists go to "
+                                 "<catalog_dir>-lists.")),
 )
 
 TrainSettings = derive(
@@ -117,6 +140,7 @@ class RegistrySettings(Config):
 
 class ClipTrainRegistry(RegistrySettings):
     """Where the trained model is registered, and whether it becomes the promoted (served) version."""
+
 
     promote: Literal["first", "always", "never"] = "first"
     """Promote the new version: `first` only when no version is promoted yet, `always`, or `never`."""

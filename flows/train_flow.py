@@ -35,22 +35,16 @@ def _checkpoint_progress(config: TrainConfig, steps: int):
 
 @task(name="train-on-ray", **retry_options(retries=1))
 def train_task(config: TrainConfig) -> TrainResult:
-    """Train (or resume, or reuse) the run described by `config`; returns the exported model and its metrics."""
-    import ray
-
+    """Train (or resume, or reuse) the run described by `config`; returns the exported model and its metrics.
+    A local Ray started for the run is taken down when it ends (its memory is free for evaluation)."""
     logger = get_run_logger()
     steps = total_steps(config, steps_per_epoch(read_manifest(config.data, config.storage), config.batch_size))
     model = f"fine-tuning {config.init_from}" if config.init_from else f"training preset {config.preset}"
     logger.info("%s for %d steps (batch %d, %d worker(s)) on %s -> %s, run %s", model, steps, config.batch_size,
                 config.num_workers, config.data, storage.absolute(config.output), run_name(config))
-    started_ray = not ray.is_initialized()
-    try:
-        with progress_artifact("train-progress", f"steps of run {run_name(config)} checkpointed",
-                               _checkpoint_progress(config, steps)):
-            result = run_training(config)
-    finally:
-        if started_ray and ray.is_initialized() and not config.ray_address:
-            ray.shutdown()  # free the local cluster's memory for evaluation
+    with progress_artifact("train-progress", f"steps of run {run_name(config)} checkpointed",
+                           _checkpoint_progress(config, steps)):
+        result = run_training(config)
     logger.info("model exported to %s after %d steps; loss %.4f", result.model, result.metrics.get("steps", steps),
                 result.metrics.get("loss", float("nan")))
     return result

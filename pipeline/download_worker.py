@@ -191,7 +191,7 @@ def main() -> None:
     if ray_address:
         import ray
 
-        ray.init(log_to_driver=True, include_dashboard=False, **ray_init_kwargs(ray_address))
+        ray.init(log_to_driver=True, **ray_init_kwargs(ray_address))
         spec["distributor"] = "ray"
         BoundedDownloader.tie_to_parent = False  # Ray workers belong to the raylet, not to us
     i2d_main = sys.modules["img2dataset.main"]  # the package re-exports a function named `main` over the module

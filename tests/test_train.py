@@ -126,7 +126,7 @@ def _run(dataset, output: Path, steps: int, resume_from: Path | None = None, pre
             shutil.copytree(directory, target, dirs_exist_ok=True)
             saved.append(target)
 
-    train_loop(config, tokenizer, report, resume_from=resume_from, progress=False, prepare_model=prepare_model)
+    train_loop(config, tokenizer, report, resume_from=resume_from, prepare_model=prepare_model)
     return saved
 
 

@@ -37,7 +37,8 @@ from pipeline import storage
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.storage import StorageConfig
-from training.embed import Precision, embed_location, error_counts, error_rows, valid_rows, vectors, write_table
+from training.device import DeviceSetting, PrecisionSetting, announce, resolve_precision
+from training.embed import embed_location, error_counts, error_rows, valid_rows, vectors, write_table
 
 PROFILE_FILE, CENTROID_FILE, HELDOUT_FILE = "profile.json", "centroid.npy", "heldout_similarities.npy"
 ON_BRAND, OFF_BRAND, ERROR = "on-brand", "off-brand", "error"
@@ -46,8 +47,11 @@ ON_BRAND, OFF_BRAND, ERROR = "on-brand", "off-brand", "error"
 class _ImageOptions(Config):
     batch_size: int = Field(128, gt=0)
     """Images per forward pass."""
-    precision: Precision = "bf16"
-    """bf16: autocast to bfloat16 for the image tower; fp32: full precision."""
+    device: DeviceSetting = "auto"
+    """auto: a CUDA GPU when one is visible, else the CPU; cpu or cuda force it."""
+    precision: PrecisionSetting = "auto"
+    """auto: bf16 autocast where the hardware runs bf16 natively (CUDA with bf16, CPUs with AMX or AVX-512 BF16), else
+    fp32; bf16 or fp32 force it."""
     image_column: str = "image"
     """Column of an image list that holds each image's location."""
     max_image_bytes: int = Field(20_000_000, gt=0)
@@ -176,7 +180,7 @@ def build_profile(config: BrandBuildConfig, progress: bool = True) -> BrandProfi
     """`clipforge brand build`: embed the approved images, fit the centroid, calibrate on the held-out ones, save."""
     from training.checkpoint import load_model
 
-    model, _ = load_model(config.model, config.storage)
+    model, _ = load_model(config.model, config.storage, announce("brand build", config.device, config.precision)[0])
     table = embed_location(model, config.images, config.model, config.storage, config.image_column,
                            config.batch_size, config.precision, thumbnail_size=0,
                            max_image_bytes=config.max_image_bytes, max_image_pixels=config.max_image_pixels,
@@ -192,7 +196,7 @@ def build_profile(config: BrandBuildConfig, progress: bool = True) -> BrandProfi
         held_out[:] = False
         held_out[:: max(2, round(1 / config.holdout_fraction))] = True
     info = {"model": config.model, "images": config.images, "holdout_fraction": config.holdout_fraction,
-            "seed": config.seed, "precision": config.precision, "unreadable_images": errors.num_rows}
+            "seed": config.seed, "precision": resolve_precision(config.precision, next(model.parameters()).device), "unreadable_images": errors.num_rows}
     profile = fit_profile(vectors(table), held_out, info)
     save_profile(profile, config.output, config.storage)
     return profile
@@ -214,7 +218,8 @@ def score_images(config: BrandScoreConfig, progress: bool = True) -> dict[str, A
 
     profile = load_profile(config.profile, config.storage)
     model_location = config.model or profile.model
-    model, _ = load_model(model_location, config.storage)
+    model, _ = load_model(model_location, config.storage,
+                          announce("brand score", config.device, config.precision)[0])
     if model.config.embed_dim != len(profile.centroid):
         raise UserError(f"model {model_location} embeds into {model.config.embed_dim} dimensions but the profile "
                         f"was built in {len(profile.centroid)}: use the model it was built with ({profile.model})")

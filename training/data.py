@@ -274,12 +274,6 @@ class ShardBatches(torch.utils.data.IterableDataset):
                 errors.clear()
 
 
-def auto_loader_workers(cpus: int, device_type: str) -> int:
-    """Loader processes for a training process that owns `cpus` CPUs: all but one feed a GPU; on CPU the model
-    needs the cores, so two at most (what the 2-core demo was tuned with)."""
-    return max(1, cpus - 1) if device_type == "cuda" else min(2, cpus)
-
-
 def make_loader(manifest: Manifest, *, tokenizer_path: str | Path, seed: int, epoch: int, rank: int,
                 world_size: int, local_batch: int, image_size: int, loader_workers: int = 2, start_step: int = 0,
                 shuffle_buffer: int = 1000, crop_scale: tuple[float, float] = (0.8, 1.0),

@@ -49,6 +49,7 @@ from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.manifest import MANIFEST_NAME, read_manifest
 from pipeline.storage import StorageConfig
+from training.device import DeviceSetting, PrecisionSetting, announce, autocast, resolve_precision
 from training.model import CLIP
 from training.tokenizer import Tokenizer
 from training.transforms import center_crop, decode, to_tensor
@@ -58,7 +59,6 @@ LIST_EXTENSIONS = (".parquet", ".csv", ".tsv", ".jsonl")
 METADATA_KEY = b"clipforge.embeddings"
 # columns this module owns; a shard json field or list column of the same name is not copied over them
 RESERVED_COLUMNS = ("key", "embedding", "error", "caption", "source", "thumbnail")
-Precision = Literal["bf16", "fp32"]
 
 
 class EmbedConfig(Config):
@@ -75,8 +75,11 @@ class EmbedConfig(Config):
     """Column of an image list that holds each image's location."""
     batch_size: int = Field(128, gt=0)
     """Images per forward pass."""
-    precision: Precision = "bf16"
-    """bf16: autocast matmuls to bfloat16 (several times faster on CPUs with AMX); fp32: full precision."""
+    device: DeviceSetting = "auto"
+    """auto: a CUDA GPU when one is visible, else the CPU; cpu or cuda force it."""
+    precision: PrecisionSetting = "auto"
+    """auto: bf16 autocast where the hardware runs bf16 natively (CUDA with bf16, CPUs with AMX or AVX-512 BF16), else
+    fp32; bf16 or fp32 force it."""
     thumbnail_size: int = Field(64, ge=0)
     """Side of the JPEG thumbnail kept per image for reports and search results; 0 keeps none."""
     max_image_bytes: int = Field(20_000_000, gt=0)
@@ -315,28 +318,29 @@ def _thumbnail(image: Image.Image, size: int) -> bytes:
 
 
 @contextlib.contextmanager
-def inference(precision: Precision = "bf16") -> Iterator[None]:
-    """No autograd, and bf16 autocast on the CPU unless `precision` is fp32."""
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-        yield
+def inference(model: CLIP, precision: PrecisionSetting = "auto") -> Iterator[torch.device]:
+    """No autograd, on the model's device, under bf16 autocast when `precision` resolves to bf16 there."""
+    device = next(model.parameters()).device
+    with torch.inference_mode(), autocast(device, resolve_precision(precision, device)):
+        yield device
 
 
-def encode_images(model: CLIP, images: torch.Tensor, precision: Precision = "bf16") -> np.ndarray:
+def encode_images(model: CLIP, images: torch.Tensor, precision: PrecisionSetting = "auto") -> np.ndarray:
     """(B, 3, S, S) normalised pixels -> (B, D) float32 unit vectors (normalised in fp32, after the bf16 towers)."""
-    with inference(precision):
-        features = model.encode_image(images)
-    return F.normalize(features.float(), dim=-1).numpy()
+    with inference(model, precision) as device:
+        features = model.encode_image(images.to(device, non_blocking=True))
+    return F.normalize(features.float(), dim=-1).cpu().numpy()
 
 
 def encode_texts(model: CLIP, tokenizer: Tokenizer, texts: list[str], batch_size: int = 256,
-                 precision: Precision = "bf16") -> np.ndarray:
+                 precision: PrecisionSetting = "auto") -> np.ndarray:
     """N captions -> (N, D) float32 unit vectors, `batch_size` at a time."""
     parts = [np.zeros((0, model.config.embed_dim), dtype=np.float32)]
     for start in range(0, len(texts), batch_size):
         tokens = tokenizer.encode_batch(texts[start:start + batch_size])  # (B, context_length)
-        with inference(precision):
-            features = model.encode_text(tokens)
-        parts.append(F.normalize(features.float(), dim=-1).numpy())
+        with inference(model, precision) as device:
+            features = model.encode_text(tokens.to(device))
+        parts.append(F.normalize(features.float(), dim=-1).cpu().numpy())
     return np.concatenate(parts)
 
 
@@ -344,7 +348,7 @@ def encode_texts(model: CLIP, tokenizer: Tokenizer, texts: list[str], batch_size
 # 4. Samples -> table
 
 
-def embed_samples(model: CLIP, samples: Iterable[Sample], batch_size: int = 128, precision: Precision = "bf16",
+def embed_samples(model: CLIP, samples: Iterable[Sample], batch_size: int = 128, precision: PrecisionSetting = "auto",
                   max_image_bytes: int = 20_000_000, max_image_pixels: int = 50_000_000, thumbnail_size: int = 64,
                   progress: bool = True, total: int | None = None, model_location: str = "") -> pa.Table:
     """Embed every sample; rejected ones become rows with an `error` and a null embedding (see the module docstring)."""
@@ -380,8 +384,9 @@ def embed_samples(model: CLIP, samples: Iterable[Sample], batch_size: int = 128,
             if len(pending) >= batch_size:
                 flush()
         flush()
+    device = next(model.parameters()).device
     return _to_table(rows, vectors, dim, {"model": model_location, "kind": "image", "embed_dim": dim,
-                                          "precision": precision})
+                                          "device": device.type, "precision": resolve_precision(precision, device)})
 
 
 def _column(values: list[Any]) -> pa.Array:
@@ -484,7 +489,7 @@ def read_embeddings(location: str, config: StorageConfig | None = None) -> pa.Ta
 
 
 def embed_location(model: CLIP, location: str, model_location: str = "", config: StorageConfig | None = None,
-                   image_column: str = "image", batch_size: int = 128, precision: Precision = "bf16",
+                   image_column: str = "image", batch_size: int = 128, precision: PrecisionSetting = "auto",
                    thumbnail_size: int = 64, max_image_bytes: int = 20_000_000, max_image_pixels: int = 50_000_000,
                    progress: bool = True) -> pa.Table:
     """The embedding table of any image location; an existing embedding table is read, not recomputed."""
@@ -501,7 +506,7 @@ def embed(config: EmbedConfig, progress: bool = True) -> dict[str, Any]:
 
     if not config.output.lower().endswith(".parquet"):
         raise UserError(f"--output must be a .parquet file path, got {config.output}")
-    model, _ = load_model(config.model, config.storage)
+    model, _ = load_model(config.model, config.storage, announce("embed", config.device, config.precision)[0])
     table = embed_location(model, config.data, config.model, config.storage, config.image_column, config.batch_size,
                            config.precision, config.thumbnail_size, config.max_image_bytes, config.max_image_pixels,
                            progress)

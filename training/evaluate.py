@@ -40,7 +40,8 @@ from pipeline import storage
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.storage import StorageConfig
-from training.embed import Precision, embed_location, encode_texts, error_counts, error_rows, valid_rows, vectors, write_embeddings
+from training.device import DeviceSetting, PrecisionSetting, announce
+from training.embed import embed_location, encode_texts, error_counts, error_rows, valid_rows, vectors, write_embeddings
 from training.model import CLIP
 from training.tokenizer import Tokenizer
 
@@ -89,8 +90,11 @@ class EvaluateConfig(Config):
     """Images (and captions) per forward pass."""
     chunk_size: int = Field(2048, gt=0)
     """Side of the similarity tiles for retrieval and classification; memory grows with its square, not with N^2."""
-    precision: Precision = "bf16"
-    """bf16: autocast to bfloat16 for the towers; fp32: full precision."""
+    device: DeviceSetting = "auto"
+    """auto: a CUDA GPU when one is visible, else the CPU; cpu or cuda force it."""
+    precision: PrecisionSetting = "auto"
+    """auto: bf16 autocast where the hardware runs bf16 natively (CUDA with bf16, CPUs with AMX or AVX-512 BF16), else
+    fp32; bf16 or fp32 force it."""
     retrieval: bool = True
     """Compute image-text retrieval from the captions (needs a caption per image)."""
     report: bool = True
@@ -129,7 +133,7 @@ def class_display_name(label: str) -> str:
 
 
 def class_embeddings(model: CLIP, tokenizer: Tokenizer, class_names: Sequence[str], templates: Sequence[str],
-                     batch_size: int = 256, precision: Precision = "bf16") -> np.ndarray:
+                     batch_size: int = 256, precision: PrecisionSetting = "auto") -> np.ndarray:
     """(C, D) unit vectors: per class, the renormalised mean of its templates' unit text embeddings.
 
     Built a few classes at a time (about `batch_size` prompts per forward pass), so any number of classes fits.
@@ -278,7 +282,8 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> dict[str, Any]:
     from training.checkpoint import load_model
 
     templates = load_templates(config.templates) if config.label_field else []
-    model, tokenizer = load_model(config.model, config.storage)
+    device, precision = announce("evaluate", config.device, config.precision)
+    model, tokenizer = load_model(config.model, config.storage, device)
     table = embed_location(model, config.data, config.model, config.storage, config.image_column,
                            config.batch_size, config.precision, progress=progress)
     write_embeddings(table, storage.join(config.output, "embeddings.parquet"), config.storage)
@@ -288,7 +293,7 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> dict[str, Any]:
         raise UserError(f"no image of {config.data} could be embedded ({errors.num_rows} errors)")
     metrics: dict[str, Any] = {
         "model": config.model, "data": config.data, "num_images": table.num_rows, "num_errors": errors.num_rows,
-        "errors": error_counts(errors),
+        "errors": error_counts(errors), "device": device.type, "precision": precision,
     }
     if config.label_field:
         labels, class_names, labelled = labels_of(table, config.label_field, config.data)

@@ -16,7 +16,9 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,19 +26,19 @@ from typing import Any
 import torch
 
 from pipeline import storage
-from pipeline.cluster import ray_init_kwargs
+from pipeline.cluster import ray_session
 from pipeline.errors import UserError
 from pipeline.manifest import Manifest, read_manifest
 from training.checkpoint import MODEL_CONFIG_FILE, MODEL_FILE, STATE_FILE, open_checkpoint, upload_checkpoint
 from training.data import read_captions, steps_per_epoch
 from training.model import MODEL_PRESETS
+from training.progress import ProgressDisplay, throttled
 from training.tokenizer import Tokenizer, train_tokenizer
-from training.train import TrainConfig, default_tokenizer_vocab, total_steps, train_loop
+from training.train import TrainConfig, default_tokenizer_vocab, loader_processes, total_steps, train_loop
 
 # settings that do not change what is trained: a re-run that changes only these resumes the same run
-_OPERATIONAL = {"ray_address", "max_failures", "run_name", "log_every", "loader_workers", "cpus_per_worker", "compile",
-                "activation_checkpointing",
-                "storage", "record_sample_keys", "output"}
+_OPERATIONAL = {"ray_address", "max_failures", "run_name", "log_every", "loader_workers", "cpus_per_worker",
+                "storage", "record_sample_keys", "output", "device", "compile", "activation_checkpointing"}
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,8 @@ class TrainResult:
     """The last reported metrics."""
     run_name: str
     steps: int
+    runtime: dict[str, Any]
+    """Where and how rank 0 ran: device, precision, hardware, world size, loader processes, torch threads."""
 
 
 def run_name(config: TrainConfig) -> str:
@@ -61,8 +65,23 @@ def _worker_config(config: TrainConfig) -> dict[str, Any]:
     return config.model_dump(mode="json", exclude={"storage": {"access_key_id", "secret_access_key"}})
 
 
-def _threads(config: TrainConfig) -> int:
+def _cpus(config: TrainConfig) -> int:
     return config.cpus_per_worker or max(1, (os.cpu_count() or 1) // config.num_workers)
+
+
+def _use_gpu(config: TrainConfig) -> bool:
+    """device auto: one GPU per worker when the cluster has enough of them; cpu/cuda force it."""
+    import ray  # ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))  # ray
+    if config.device == "cpu":
+        return False
+    if gpus >= config.num_workers:
+        return True
+    if config.device == "cuda" or gpus:
+        raise UserError(f"the Ray cluster has {gpus} GPU(s) for {config.num_workers} worker(s) asking one each: lower "
+                        f"num_workers, or set device cpu")
+    return False
 
 
 def _train_worker(loop_config: dict[str, Any]) -> None:
@@ -73,6 +92,11 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     config = TrainConfig.model_validate(loop_config["config"])  # re-validated on the worker
     torch.set_num_threads(loop_config["threads"])
     context = ray.train.get_context()  # ray
+    queue = loop_config["progress"]
+
+    def send(event: dict[str, Any]) -> None:
+        with contextlib.suppress(Exception):  # progress is best effort: the driver may already be gone
+            queue.put_nowait(event)
 
     def report(metrics: dict[str, Any], directory: Path | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(str(directory)) if directory else None  # ray
@@ -89,7 +113,8 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
         resume = Path(stack.enter_context(checkpoint.as_directory())) if checkpoint else None
         multi = context.get_world_size() > 1
         train_loop(config, tokenizer_dir, report, resume_from=resume, device=ray.train.torch.get_device(),  # ray
-                   prepare_model=ray.train.torch.prepare_model if multi else None)  # ray: DDP
+                   prepare_model=ray.train.torch.prepare_model if multi else None,  # ray: DDP
+                   progress=throttled(send), loader_workers=loop_config["loader_workers"])
 
 
 def _record_worker(config: TrainConfig, context: Any) -> None:
@@ -177,47 +202,96 @@ def write_logs(checkpoint_dir: Path, config: TrainConfig) -> None:
             fs.put(str(Path(scratch)) + "/", path, recursive=True)
 
 
+def _show_progress(queue: Any, display: ProgressDisplay, stop: threading.Event) -> None:
+    """Driver thread: draw the events rank 0 puts on the queue until `stop` is set and the queue is empty."""
+    from ray.util.queue import Empty  # ray
+
+    while True:
+        try:
+            display(queue.get(timeout=0.5))
+        except Empty:
+            if stop.is_set():
+                return
+        except Exception:  # noqa: BLE001 - the queue's actor is gone (Ray shutting down): nothing more to show
+            return
+
+
+def _fit(trainer: Any) -> Any:
+    """`trainer.fit()` on a helper thread, so that Ctrl-C and SIGTERM reach this process as KeyboardInterrupt and
+    unwind it (taking down the local Ray): on the main thread, Ray Train installs a SIGINT handler of its own that
+    ends the process with its own exit status and leaves our clean-up unrun."""
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()  # ray
+        except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)  # short waits: the main thread stays interruptible
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
 def run_training(config: TrainConfig) -> TrainResult:
     """Train on Ray (local on demand, or the cluster at `config.ray_address`); returns the exported model."""
-    import ray  # ray
     import ray.train  # ray
     from ray.train.torch import TorchTrainer  # ray
+    from ray.util.queue import Queue  # ray
 
     manifest = validate(config)
     tokenizer = prepare_tokenizer(config, manifest)
     name = run_name(config)
     worker_env = storage.subprocess_env(config.storage)
-    if not ray.is_initialized():  # ray: join the cluster, or start a local one on demand
-        ray.init(include_dashboard=False, log_to_driver=True, runtime_env={"env_vars": worker_env} if worker_env else None,
-                 **ray_init_kwargs(config.ray_address))
-    trainer = TorchTrainer(  # ray
-        _train_worker,
-        train_loop_config={"config": _worker_config(config), "tokenizer": tokenizer, "threads": _threads(config)},
-        scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,  # ray
-                                               resources_per_worker={"CPU": _threads(config)}),
-        run_config=ray.train.RunConfig(  # ray
-            name=name,
-            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),  # ray
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=3),  # ray
-            worker_runtime_env={"env_vars": worker_env} if worker_env else None,
-            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # ray: our progress bar says it all
-            **_ray_storage(config),
-        ),
-    )
-    try:
-        result = trainer.fit()  # ray
-    except Exception as err:  # noqa: BLE001 - Ray wraps worker errors; show the root cause in one line
-        cause = err
-        while cause.__cause__ is not None:
-            cause = cause.__cause__
-        raise UserError(f"training failed: {type(cause).__name__}: {storage.redact(str(cause)).splitlines()[0]}") from err
-    if result.checkpoint is None:
-        raise UserError("training ended without a checkpoint")
-    with result.checkpoint.as_directory() as directory:  # ray
-        directory = Path(directory)
-        model_location = export_model(directory, config)
-        write_logs(directory, config)
-        state = json.loads((directory / STATE_FILE).read_text())
+    with ray_session(config.ray_address, worker_env):
+        use_gpu, cpus = _use_gpu(config), _cpus(config)
+        loaders = loader_processes(config, cpus, use_gpu)
+        threads = max(1, cpus - loaders) if use_gpu else cpus  # on CPU the loader processes mostly sleep
+        print(f"train: run {name}, {config.num_workers} worker(s) x {cpus} CPU(s){' + 1 GPU' if use_gpu else ''}",
+              file=sys.stderr, flush=True)
+        queue = Queue(actor_options={"num_cpus": 0})  # ray: rank 0's progress events, drawn here
+        display, stop = ProgressDisplay(), threading.Event()
+        drawer = threading.Thread(target=_show_progress, args=(queue, display, stop), daemon=True)
+        drawer.start()
+        trainer = TorchTrainer(  # ray
+            _train_worker,
+            train_loop_config={"config": _worker_config(config), "tokenizer": tokenizer, "threads": threads,
+                               "loader_workers": loaders, "progress": queue},
+            scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu,  # ray
+                                                   resources_per_worker={"CPU": cpus}),
+            run_config=ray.train.RunConfig(  # ray
+                name=name,
+                failure_config=ray.train.FailureConfig(max_failures=config.max_failures),  # ray
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=3),  # ray
+                worker_runtime_env={"env_vars": worker_env} if worker_env else None,
+                logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # ray: our progress display says it all
+                **_ray_storage(config),
+            ),
+        )
+        try:
+            result = _fit(trainer)
+        except Exception as err:  # noqa: BLE001 - Ray wraps worker errors; show the root cause in one line
+            cause = err
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            raise UserError(f"training failed: {type(cause).__name__}: "
+                            f"{storage.redact(str(cause)).splitlines()[0]}") from err
+        finally:
+            stop.set()
+            drawer.join(timeout=5)
+            display.close()
+        if result.checkpoint is None:
+            raise UserError("training ended without a checkpoint")
+        with result.checkpoint.as_directory() as directory:  # ray
+            directory = Path(directory)
+            model_location = export_model(directory, config)
+            write_logs(directory, config)
+            state = json.loads((directory / STATE_FILE).read_text())
     epoch_steps = steps_per_epoch(manifest, config.batch_size)
     metrics = {**result.metrics, "steps": state["step"], "steps_per_epoch": epoch_steps}
-    return TrainResult(model=model_location, metrics=metrics, run_name=name, steps=total_steps(config, epoch_steps))
+    return TrainResult(model=model_location, metrics=metrics, run_name=name, steps=total_steps(config, epoch_steps),
+                       runtime=state.get("runtime", {}))

@@ -18,7 +18,8 @@ from pipeline import storage
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.storage import StorageConfig
-from training.embed import Precision, encode_texts, read_embeddings, table_info, valid_rows, vectors
+from training.device import DeviceSetting, PrecisionSetting, announce
+from training.embed import encode_texts, read_embeddings, table_info, valid_rows, vectors
 
 
 class SearchConfig(Config):
@@ -34,8 +35,11 @@ class SearchConfig(Config):
     """Checkpoint to embed the queries with. Empty: the one recorded in the index (it must be the same model)."""
     chunk_size: int = Field(65536, gt=0)
     """Library images compared per step."""
-    precision: Precision = "bf16"
-    """bf16: autocast the text tower to bfloat16; fp32: full precision."""
+    device: DeviceSetting = "auto"
+    """auto: a CUDA GPU when one is visible, else the CPU; cpu or cuda force it."""
+    precision: PrecisionSetting = "auto"
+    """auto: bf16 autocast where the hardware runs bf16 natively (CUDA with bf16, CPUs with AMX or AVX-512 BF16), else
+    fp32; bf16 or fp32 force it."""
     output: str | None = None
     """Folder for results.json and report.html (thumbnails of the hits). Empty: print only."""
     storage: StorageConfig = StorageConfig()
@@ -68,7 +72,8 @@ def search(config: SearchConfig, progress: bool = False) -> list[dict[str, Any]]
     if not model_location:
         raise UserError(f"{config.index} does not record its model: pass --model")
     table = valid_rows(table)
-    model, tokenizer = load_model(model_location, config.storage)
+    model, tokenizer = load_model(model_location, config.storage,
+                                  announce("search", config.device, config.precision)[0])
     library = vectors(table)
     if library.shape[1] != model.config.embed_dim:
         raise UserError(f"index {config.index} holds {library.shape[1]}-d embeddings but {model_location} makes "

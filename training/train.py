@@ -15,28 +15,28 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from pydantic import Field
-from tqdm import tqdm
 
 from pipeline.config import Config
 from pipeline.manifest import read_manifest
 from pipeline.storage import StorageConfig
 from training.checkpoint import load_optimizer_state, load_weights, read_state, save_checkpoint
-from training.data import auto_loader_workers, make_loader, steps_per_epoch
+from training.data import make_loader, steps_per_epoch
+from training.device import DeviceSetting, Precision, PrecisionSetting, autocast, describe, hardware_name, resolve_precision
 from training.loss import distributed_clip_loss
 from training.model import CLIP, MODEL_PRESETS, create_model
 from training.parallel import (apply_activation_checkpointing, clip_grad_norm, compile_blocks, full_state_dict, is_sharded,
                                load_sharded, make_optimizer, resolve_compile, save_sharded, shard_model)
+from training.progress import Progress
 from training.tokenizer import Tokenizer
 from training.transforms import device_crops
 
@@ -73,8 +73,9 @@ class TrainConfig(Config):
     lr: float = Field(5e-4, gt=0)
     """Peak learning rate, reached after warm-up, then cosine decay to zero."""
 
-    warmup_steps: int = Field(50, ge=0)
-    """Steps of linear learning-rate warm-up."""
+    warmup_steps: int | None = Field(None, ge=0)
+    """Steps of linear learning-rate warm-up. Empty: a tenth of the run's steps (at most 2,000), so that a short run
+    is not spent inside its warm-up."""
 
     weight_decay: float = Field(0.2, ge=0)
     """AdamW weight decay, on weight matrices only (not norms, biases, embeddings or the temperature)."""
@@ -88,8 +89,9 @@ class TrainConfig(Config):
     grad_clip: float | None = Field(1.0, gt=0)
     """Clip the global gradient norm to this. Empty: no clipping."""
 
-    precision: Literal["bf16", "fp32"] = "bf16"
-    """bf16 autocast for the towers (CPU AMX or GPU); the loss and the temperature stay fp32."""
+    precision: PrecisionSetting = "auto"
+    """Autocast of the towers; the loss and the temperature stay fp32. auto: bf16 where the worker's hardware runs it
+    natively (CUDA GPUs with bf16, CPUs with AMX or AVX-512 BF16), else fp32; bf16 or fp32 force it."""
 
     loss_chunk_size: int | None = Field(None, gt=0)
     """Tile the contrastive loss in blocks of this many rows (memory linear in the batch). Empty: dense."""
@@ -117,11 +119,12 @@ class TrainConfig(Config):
     checkpoint_every: int = Field(100, gt=0)
     """Steps between checkpoints (a checkpoint is also written at the end)."""
 
-    log_every: int = Field(10, gt=0)
-    """Steps between metric records."""
+    log_every: int | None = Field(None, gt=0)
+    """Steps between metric records (and progress lines when the output is not a terminal). Empty: about 20
+    records per run, every 1 to 50 steps."""
 
-    loader_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
-    """Data-loading processes per training worker. "auto": all its CPUs but one on GPU, two on CPU."""
+    loader_workers: int | None = Field(None, ge=0)
+    """Data-loading processes per training worker. Empty: sized to the worker's CPUs (see `loader_processes`)."""
 
     shuffle_buffer: int = Field(1000, gt=0)
     """Samples in each loader worker's shuffle buffer."""
@@ -136,10 +139,11 @@ class TrainConfig(Config):
     """Ray Train workers (processes, possibly on several nodes); the global batch is split between them."""
 
     cpus_per_worker: int | None = Field(None, gt=0)
-    """CPUs (and torch threads) per worker. Empty: this machine's CPUs divided by num_workers."""
+    """CPUs each worker reserves, shared by its torch threads and loader processes. Empty: this machine's CPUs
+    divided by num_workers."""
 
-    use_gpu: bool = False
-    """One GPU per worker (NCCL); otherwise CPU with gloo."""
+    device: DeviceSetting = "auto"
+    """auto: one GPU per worker (NCCL) when the Ray cluster has GPUs, else CPUs (gloo); cpu or cuda force it."""
 
     ray_address: str | None = None
     """Ray cluster to join (e.g. 10.0.0.5:6379). Empty: a local Ray started on demand."""
@@ -181,18 +185,31 @@ def learning_rate(step: int, total_steps: int, peak: float, warmup: int) -> floa
     return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _autocast(config: TrainConfig, device: torch.device):
-    if config.precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def warmup_steps(config: TrainConfig, last_step: int) -> int:
+    """The configured warm-up, or a tenth of the run (at most 2,000 steps)."""
+    return config.warmup_steps if config.warmup_steps is not None else min(2_000, last_step // 10)
+
+
+def log_every(config: TrainConfig, last_step: int) -> int:
+    """The configured interval, or about 20 records per run (every 1 to 50 steps)."""
+    return config.log_every or max(1, min(50, last_step // 20))
+
+
+def loader_processes(config: TrainConfig, cpus: int, gpu: bool) -> int:
+    """Loader processes per worker. On a CPU worker the model needs the cores far more than decoding 64-224 px
+    images does (one process keeps the wait share near zero; see README, "CPU threads"); on a GPU worker the CPUs
+    exist to feed the device, one is left for the training process itself."""
+    if config.loader_workers is not None:
+        return config.loader_workers
+    return max(1, cpus - 1) if gpu else max(1, cpus // 8)
 
 
 def contrastive_step(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor, config: TrainConfig,
-                     device: torch.device) -> torch.Tensor:
+                     device: torch.device, precision: Precision = "fp32") -> torch.Tensor:
     """Forward and backward of one step's contrastive loss; gradients are left in the parameters. Returns the loss."""
     k = config.accum_steps
     if k == 1:
-        with _autocast(config, device):
+        with autocast(device, precision):
             image_emb, text_emb, logit_scale = model(images, tokens)
         loss = distributed_clip_loss(image_emb, text_emb, logit_scale, config.loss_chunk_size)
         loss.backward()
@@ -200,7 +217,7 @@ def contrastive_step(model: torch.nn.Module, images: torch.Tensor, tokens: torch
 
     # GradCache: 1) embeddings of every micro-batch without a graph
     image_chunks, token_chunks = images.chunk(k), tokens.chunk(k)
-    with torch.no_grad(), _autocast(config, device):
+    with torch.no_grad(), autocast(device, precision):
         cached = [model(i, t) for i, t in zip(image_chunks, token_chunks)]
     image_emb = torch.cat([c[0] for c in cached]).float().requires_grad_()
     text_emb = torch.cat([c[1] for c in cached]).float().requires_grad_()
@@ -214,7 +231,7 @@ def contrastive_step(model: torch.nn.Module, images: torch.Tensor, tokens: torch
         last = j == k - 1
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
-            with _autocast(config, device):
+            with autocast(device, precision):
                 chunk_image_emb, chunk_text_emb, chunk_scale = model(image_chunk, token_chunk)
             scale_grad = logit_scale.grad if last else torch.zeros_like(logit_scale)
             torch.autograd.backward([chunk_image_emb, chunk_text_emb, chunk_scale],
@@ -239,10 +256,15 @@ def total_steps(config: TrainConfig, epoch_steps: int) -> int:
 
 def train_loop(config: TrainConfig, tokenizer_path: str | Path, report: Report, resume_from: Path | None = None,
                device: str | torch.device = "cpu", prepare_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
-               progress: bool = True) -> dict[str, Any]:
-    """Train until `total_steps`; returns the last metrics. `prepare_model` wraps the model (DDP) from outside."""
+               progress: Progress | None = None, loader_workers: int | None = None) -> dict[str, Any]:
+    """Train until `total_steps`; returns the last metrics. `prepare_model` wraps the model (DDP) from outside;
+    `progress` receives rank 0's progress events (see `training/progress.py`)."""
     device = torch.device(device)
+    precision = resolve_precision(config.precision, device)
     rank, world_size = _distributed()
+    progress = progress if rank == 0 else None
+    if loader_workers is None:
+        loader_workers = loader_processes(config, torch.get_num_threads(), device.type == "cuda")
     if config.batch_size % (world_size * config.accum_steps):
         raise ValueError(f"batch_size {config.batch_size} must divide by num_workers x accum_steps "
                          f"({world_size} x {config.accum_steps})")
@@ -250,6 +272,9 @@ def train_loop(config: TrainConfig, tokenizer_path: str | Path, report: Report, 
     manifest = read_manifest(config.data, config.storage)
     epoch_steps = steps_per_epoch(manifest, config.batch_size)
     last_step = total_steps(config, epoch_steps)
+    warmup, record_every = warmup_steps(config, last_step), log_every(config, last_step)
+    runtime = {"device": device.type, "precision": precision, "hardware": hardware_name(device),
+               "world_size": world_size, "loader_workers": loader_workers, "torch_threads": torch.get_num_threads()}
     tokenizer = Tokenizer.load(tokenizer_path)
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank
@@ -278,13 +303,11 @@ def train_loop(config: TrainConfig, tokenizer_path: str | Path, report: Report, 
     clip: CLIP = model
     trained = prepare_model(model) if prepare_model and not sharded else model  # DDP
     image_size = clip.config.image_size
-    loader_workers = config.loader_workers
-    if loader_workers == "auto":
-        loader_workers = auto_loader_workers(config.cpus_per_worker or max(1, (os.cpu_count() or 1) // world_size),
-                                             device.type)
 
-    bar = tqdm(total=last_step, initial=step, desc="train", unit="step", disable=not (progress and rank == 0),
-               dynamic_ncols=True)
+    if progress:
+        progress({"event": "start", "step": step, "total": last_step,
+                  "runtime": f"{world_size} worker(s), {describe(device, precision)}, {loader_workers} loader "
+                             f"process(es) and {torch.get_num_threads()} torch threads per worker"})
     metrics: dict[str, Any] = {}
     window = {"samples": 0, "waiting": 0.0, "loss": torch.zeros((), device=device), "steps": 0, "skipped": 0}
     window_start = time.perf_counter()
@@ -302,14 +325,15 @@ def train_loop(config: TrainConfig, tokenizer_path: str | Path, report: Report, 
         tick = time.perf_counter()
         batch = next(batches)
         window["waiting"] += time.perf_counter() - tick
-        lr = learning_rate(step, last_step, config.lr, config.warmup_steps)
+        lr = learning_rate(step, last_step, config.lr, warmup)
         for group in optimizer.param_groups:
             group["lr"] = lr
         clip.visual.patch_dropout = config.patch_dropout if step < last_step - config.patch_dropout_final_steps else 0.0
         optimizer.zero_grad(set_to_none=True)
         images = device_crops(batch["images"].to(device, non_blocking=True),  # uint8 over the bus, cut on the device
                               batch["crops"].to(device, non_blocking=True), image_size)
-        loss = contrastive_step(trained, images, batch["tokens"].to(device, non_blocking=True), config, device)
+        loss = contrastive_step(trained, images, batch["tokens"].to(device, non_blocking=True), config, device,
+                                precision)
         if config.grad_clip is not None:
             clip_grad_norm(clip, config.grad_clip)
         optimizer.step()
@@ -320,18 +344,18 @@ def train_loop(config: TrainConfig, tokenizer_path: str | Path, report: Report, 
         window["loss"] += loss  # stays on the device: no host sync until the window is logged
         window.update(samples=window["samples"] + config.batch_size, steps=window["steps"] + 1,
                       skipped=window["skipped"] + batch["skipped"])
-        bar.update(1)
-        if step % config.log_every == 0 or step == last_step:
+        if progress:
+            progress({"event": "step", "step": step})
+        if step % record_every == 0 or step == last_step:
             metrics = _window_metrics(window, window_start, clip, step, epoch, lr, device)
             history.append(metrics)
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{lr:.1e}", T=f"{metrics['temperature']:.3f}",
-                            sps=f"{metrics['samples_per_second']:.0f}", wait=f"{metrics['data_wait_share']:.0%}")
+            if progress:
+                progress({"event": "metrics", "step": step, "metrics": metrics})
             window = {"samples": 0, "waiting": 0.0, "loss": torch.zeros((), device=device), "steps": 0, "skipped": 0}
             window_start = time.perf_counter()
         if step % config.checkpoint_every == 0 or step == last_step:
             _checkpoint(config, clip, tokenizer, optimizer, step, epoch_steps, history, keys_log, rank, report,
-                        sharded=sharded, final=step == last_step)
-    bar.close()
+                        runtime, sharded=sharded, final=step == last_step)
     return metrics
 
 
@@ -366,11 +390,12 @@ def _window_metrics(window: dict[str, Any], window_start: float, clip: CLIP, ste
 
 def _checkpoint(config: TrainConfig, model: CLIP, tokenizer: Tokenizer, optimizer: torch.optim.Optimizer,
                 step: int, epoch_steps: int, history: list[dict], keys_log: list[dict], rank: int,
-                report: Report, sharded: bool = False, final: bool = False) -> None:
+                report: Report, runtime: dict[str, Any], sharded: bool = False, final: bool = False) -> None:
     """Every rank reports (Ray Train needs all of them); rank 0 attaches the checkpoint directory. A sharded model
     (FSDP2): every rank attaches a folder with its part (Ray Train merges them), the last one also the whole model."""
     if sharded:
-        _sharded_checkpoint(config, model, tokenizer, optimizer, step, epoch_steps, history, rank, report, final)
+        _sharded_checkpoint(config, model, tokenizer, optimizer, step, epoch_steps, history, rank, report, runtime,
+                            final)
         return
     if config.record_sample_keys and dist.is_available() and dist.is_initialized():
         gathered: list[list[dict]] = [None] * dist.get_world_size()  # type: ignore[list-item]
@@ -384,33 +409,33 @@ def _checkpoint(config: TrainConfig, model: CLIP, tokenizer: Tokenizer, optimize
         return
     with tempfile.TemporaryDirectory(prefix="clipforge-ckpt-") as scratch:
         directory = save_checkpoint(Path(scratch) / f"step_{step:08d}", model, tokenizer, optimizer,
-                                    _state(config, step, epoch_steps))
+                                    _state(config, step, epoch_steps, runtime))
         (directory / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in history))
         if config.record_sample_keys:
             (directory / "sample_keys.jsonl").write_text("".join(json.dumps(k) + "\n" for k in keys_log))
         report(metrics, directory)
 
 
-def _state(config: TrainConfig, step: int, epoch_steps: int) -> dict[str, Any]:
+def _state(config: TrainConfig, step: int, epoch_steps: int, runtime: dict[str, Any]) -> dict[str, Any]:
     epoch, step_in_epoch = divmod(step, epoch_steps)
     python_state = random.getstate()
     return {
         "step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "samples_seen": step * config.batch_size,
         "rng": {"torch": torch.get_rng_state().tolist(), "python": [python_state[0], list(python_state[1]),
                                                                       python_state[2]]},
-        "config": config.model_dump(mode="json"),
+        "config": config.model_dump(mode="json"), "runtime": runtime,
     }
 
 
 def _sharded_checkpoint(config: TrainConfig, model: CLIP, tokenizer: Tokenizer, optimizer: torch.optim.Optimizer,
                         step: int, epoch_steps: int, history: list[dict], rank: int, report: Report,
-                        final: bool) -> None:
+                        runtime: dict[str, Any], final: bool) -> None:
     weights = full_state_dict(model) if final else {}  # collective; the single model file of the export
     metrics = {**(history[-1] if history else {}), "step": step}
     with tempfile.TemporaryDirectory(prefix="clipforge-ckpt-") as scratch:
         directory = Path(scratch) / f"step_{step:08d}"
         if rank == 0:
-            save_checkpoint(directory, model, tokenizer, None, _state(config, step, epoch_steps), weights=weights)
+            save_checkpoint(directory, model, tokenizer, None, _state(config, step, epoch_steps, runtime), weights=weights)
             (directory / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in history))
         save_sharded(directory, model, optimizer)  # collective: each rank writes its own part
         report(metrics, directory)

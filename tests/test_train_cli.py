@@ -1,0 +1,120 @@
+"""`clipforge train` as a person runs it, on a local Ray it starts itself: quiet output, a progress bar that updates in
+place on a terminal, and Ctrl-C that stops everything the command started and can be resumed.
+
+All slow: each test starts a real local Ray (`ray start --head`) through the CLI.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import pty
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.shards import write_dataset
+
+pytestmark = pytest.mark.slow
+
+CLIPFORGE = str(Path(sys.executable).with_name("clipforge"))
+
+
+def train_command(data: Path, output: Path, steps: int) -> list[str]:
+    return [CLIPFORGE, "train", "--data", str(data), "--output", str(output), "--preset", "tiny",
+            "--batch-size", "32", "--steps", str(steps), "--checkpoint-every", "4"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("shards") / "data", [64] * 4)
+
+
+def test_output_is_quiet_and_names_the_resolved_runtime(data: Path, tmp_path: Path) -> None:
+    run = subprocess.run(train_command(data, tmp_path / "run", steps=12), capture_output=True, text=True,
+                         timeout=600, stdin=subprocess.DEVNULL)
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = [line for line in (run.stdout + run.stderr).splitlines() if line.strip()]
+    repeated = {line: n for line, n in collections.Counter(lines).items() if n > 3}
+    assert not repeated, f"lines repeated more than three times: {repeated}"
+    assert "\r" not in run.stderr  # not a terminal: plain lines, no carriage-return redraws
+    output = "\n".join(lines)
+    assert "device cpu" in output and "precision" in output and "Ray dashboard: http://127.0.0.1:" in output
+    assert "train step 12/12 (100%)" in output and "model:" in output
+    assert "PlacementGroupCleaner" not in output and "Traceback" not in output
+
+
+class Terminal:
+    """A command on a pseudo-terminal, in a session of its own, as a shell runs it: its output collected."""
+
+    def __init__(self, command: list[str]):
+        master, slave = pty.openpty()
+        self.process = subprocess.Popen(command, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+                                        close_fds=True)
+        os.close(slave)
+        self.output = bytearray()
+        self.seen: dict[int, psutil.Process] = {}  # every process the command started, as they appear
+        self._reader = threading.Thread(target=self._read, args=(master,), daemon=True)
+        self._reader.start()
+
+    def _read(self, master: int) -> None:
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                return
+            if not chunk:
+                return
+            self.output += chunk
+
+    def record_descendants(self) -> None:
+        try:
+            for child in psutil.Process(self.process.pid).children(recursive=True):
+                self.seen.setdefault(child.pid, child)
+        except psutil.NoSuchProcess:
+            pass
+
+    def wait_for(self, text: bytes, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.output:
+            assert self.process.poll() is None, f"exited early:\n{self.text()}"
+            assert time.monotonic() < deadline, f"{text!r} not seen in {timeout} s:\n{self.text()}"
+            self.record_descendants()
+            time.sleep(0.5)
+
+    def text(self) -> str:
+        return self.output.decode(errors="replace")[-4000:]
+
+
+def test_ctrl_c_stops_everything_and_the_same_command_resumes(data: Path, tmp_path: Path) -> None:
+    command = train_command(data, tmp_path / "run", steps=40)
+    terminal = Terminal(command)
+    try:
+        terminal.wait_for(b"train:", timeout=300)  # rank 0's first line: training has started
+        deadline = time.monotonic() + 300
+        while not list((tmp_path / "run" / "ray").glob("*/step_00000008")):  # two checkpoints written
+            assert time.monotonic() < deadline and terminal.process.poll() is None, terminal.text()
+            terminal.record_descendants()
+            time.sleep(0.5)
+        terminal.record_descendants()
+        assert any("raylet" in p.name() for p in terminal.seen.values())
+        os.killpg(terminal.process.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends to the foreground group
+        assert terminal.process.wait(120) == 130, terminal.text()
+    finally:
+        if terminal.process.poll() is None:
+            os.killpg(terminal.process.pid, signal.SIGKILL)
+    assert b"\r" in terminal.output, "no in-place progress bar on a terminal"
+    assert b"re-run the same command to resume" in terminal.output
+    _, alive = psutil.wait_procs(list(terminal.seen.values()), timeout=15)
+    assert not alive, f"still running after Ctrl-C: {[(p.pid, p.cmdline()[:2]) for p in alive]}"
+
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "train step 40/40 (100%)" in again.stderr
+    assert "step 0 of 40" not in again.stderr  # resumed from a checkpoint, not started over
