@@ -4,7 +4,9 @@ folder and from SeaweedFS, in the same run: samples/s per CPU core.
     python bench/loader.py                                  # the catalog at 224 px (built on first use, see catalog_shards)
     python bench/loader.py --data .clipforge/bench/data/openmoji-224px --rounds 3
 
-Both sides run in this one process with one torch thread, so samples/s is samples/s per core. The plain pipeline is
+Both sides run in this one process with one torch thread and are measured in samples per CPU-second of the process
+(`time.process_time`: samples/s per core, and barely moved by other jobs on a shared machine); wall-clock samples/s
+are printed beside. The plain pipeline is
 `wds.WebDataset(urls).decode("torchrgb8").to_tuple("jpg", "txt").batched(B)`: decode to uint8 tensors and batch,
 nothing else. The training loader does more per sample (a random resized crop, tokenising the caption, exact
 per-epoch planning) and hands over the same uint8 batches. Sides alternate over the rounds (median reported), so
@@ -33,26 +35,26 @@ from training.data import make_loader, read_captions  # noqa: E402
 from training.tokenizer import train_tokenizer  # noqa: E402
 
 
-def ours(location: str, tokenizer: Path, batch: int, image_size: int, config: StorageConfig) -> float:
+def ours(location: str, tokenizer: Path, batch: int, image_size: int, config: StorageConfig) -> tuple[float, float]:
     manifest = read_manifest(location, config)
     loader = make_loader(manifest, tokenizer_path=tokenizer, seed=0, epoch=0, rank=0, world_size=1,
                          local_batch=batch, image_size=image_size, loader_workers=0, storage_config=config)
-    start, count = time.perf_counter(), 0
+    start, count = (time.process_time(), time.perf_counter()), 0
     for item in loader:
         count += len(item["keys"])
-    return count / (time.perf_counter() - start)
+    return count / (time.process_time() - start[0]), count / (time.perf_counter() - start[1])
 
 
-def plain(location: str, batch: int, config: StorageConfig) -> float:
+def plain(location: str, batch: int, config: StorageConfig) -> tuple[float, float]:
     urls = read_manifest(location, config).shard_urls()
     if storage.is_remote(location):  # webdataset has no s3://: open through the same fsspec filesystem
         fs, _ = storage.filesystem(location, config)
         wds.gopen_schemes["s3"] = lambda url, mode="rb", bufsize=8192: fs.open(url, mode)
     dataset = wds.WebDataset(urls, shardshuffle=False).decode("torchrgb8").to_tuple("jpg", "txt").batched(batch)
-    start, count = time.perf_counter(), 0
+    start, count = (time.process_time(), time.perf_counter()), 0
     for images, _ in dataset:
         count += len(images)
-    return count / (time.perf_counter() - start)
+    return count / (time.process_time() - start[0]), count / (time.perf_counter() - start[1])
 
 
 def main() -> None:
@@ -68,7 +70,7 @@ def main() -> None:
     data = args.data or catalog_shards(".clipforge/bench", args.image_size, args.limit)
     manifest = read_manifest(data)
     print(f"{data}: {manifest.num_samples} samples in {len(manifest.shards)} shards, batch {args.batch_size}, "
-          f"one process, one thread; median of {args.rounds} alternating rounds")
+          f"one process, one thread; median of {args.rounds} alternating rounds", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as scratch:
         tokenizer = Path(scratch) / "tokenizer"
@@ -91,9 +93,11 @@ def main() -> None:
                 for _ in range(args.rounds):
                     timings["plain"].append(plain(location, args.batch_size, config))
                     timings["ours"].append(ours(location, tokenizer, args.batch_size, args.image_size, config))
-                base, mine = statistics.median(timings["plain"]), statistics.median(timings["ours"])
-                print(f"{name:>10}: webdataset plain decode {base:7.1f} samples/s/core   training loader "
-                      f"{mine:7.1f} samples/s/core   ratio {mine / base:.2f}x")
+                (base, base_wall), (mine, mine_wall) = (
+                    [statistics.median(t[i] for t in timings[side]) for i in (0, 1)] for side in ("plain", "ours"))
+                print(f"{name:>10}: webdataset plain decode {base:7.1f} samples/CPU-s (wall {base_wall:6.1f}/s)   "
+                      f"training loader {mine:7.1f} samples/CPU-s (wall {mine_wall:6.1f}/s)   ratio {mine / base:.2f}x",
+                      flush=True)
         finally:
             if server is not None:
                 server.stop()
