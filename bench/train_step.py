@@ -2,6 +2,7 @@
 
     python bench/train_step.py                                  # `small` preset, batch 128, 64 px
     python bench/train_step.py --preset tiny --batch-size 256 --steps 10
+    python bench/train_step.py --compile                        # bf16 step with and without torch.compile
 
 One step is forward, `clip_loss`, backward, AdamW and the logit-scale clamp, on random images and captions.
 MFU (model FLOPs utilisation) = 3 x analytic forward FLOPs per sample x samples/s / peak, where the peak is a large
@@ -20,6 +21,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from training.loss import clip_loss  # noqa: E402
 from training.model import MODEL_PRESETS, create_model, flops_per_sample  # noqa: E402
+from training.parallel import compile_blocks  # noqa: E402
 
 
 def matmul_flops_per_second(dtype: torch.dtype, size: int = 4096, repeats: int = 3) -> float:
@@ -33,10 +35,13 @@ def matmul_flops_per_second(dtype: torch.dtype, size: int = 4096, repeats: int =
     return 2 * size**3 / best
 
 
-def samples_per_second(preset: str, batch_size: int, steps: int, bf16: bool) -> tuple[float, float]:
+def samples_per_second(preset: str, batch_size: int, steps: int, bf16: bool,
+                       compiled: bool = False, clock=time.perf_counter) -> tuple[float, float]:
     """Mean throughput over `steps` timed steps after one warm-up step; also returns the last loss."""
     torch.manual_seed(0)
     model = create_model(preset)
+    if compiled:
+        compile_blocks(model)  # as train_loop does with `compile: true` (the warm-up step compiles)
     config = model.config
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     images = torch.randn(batch_size, 3, config.image_size, config.image_size)
@@ -54,10 +59,10 @@ def samples_per_second(preset: str, batch_size: int, steps: int, bf16: bool) -> 
         return loss.item()
 
     step()
-    start = time.perf_counter()
+    start = clock()
     for _ in range(steps):
         loss = step()
-    return batch_size * steps / (time.perf_counter() - start), loss
+    return batch_size * steps / (clock() - start), loss
 
 
 def main() -> None:
@@ -65,7 +70,15 @@ def main() -> None:
     parser.add_argument("--preset", default="small", choices=list(MODEL_PRESETS))
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="compare bf16 steps with and without torch.compile")
     args = parser.parse_args()
+    if args.compile:
+        for name, compiled in (("eager", False), ("compiled", True), ("eager again", False)):
+            # per CPU-second of this process: other jobs on a shared machine barely move it
+            throughput, loss = samples_per_second(args.preset, args.batch_size, args.steps, True, compiled,
+                                                  clock=time.process_time)
+            print(f"{name:>12}: {throughput:7.1f} samples per CPU-second, loss {loss:.3f}", flush=True)
+        return
 
     config = MODEL_PRESETS[args.preset]
     train_flops = 3 * flops_per_sample(config)["total"]  # forward + backward (twice the forward)

@@ -41,7 +41,7 @@ from pipeline import cluster, storage
 from pipeline.config import Config
 from pipeline.failures import classify_error
 from pipeline.errors import UserError
-from pipeline.manifest import IngestSummary, Manifest, ShardInfo, write_manifest
+from pipeline.manifest import IngestSummary, Manifest, ShardInfo, tar_sample_offsets, write_manifest
 from pipeline.storage import StorageConfig
 
 WORK_DIR = "_clipforge"
@@ -414,8 +414,11 @@ def _read_shard(fs, path: str, shard: int, digits: int) -> tuple[ShardInfo, pa.T
         "row": failed["row"], "url": failed["url"], "reason": pa.array(reasons, pa.string()),
         "error_message": pc.cast(failed["error_message"], pa.string()),
     })
+    with fs.open(posixpath.join(path, f"{name}.tar"), "rb") as f:  # the sample index (see pipeline.manifest)
+        offsets = tar_sample_offsets(f)
     info = ShardInfo(shard=shard, path=f"{name}.tar", samples=samples, attempted=rows.num_rows,
-                     failed=rows.num_rows - samples, bytes=fs.size(posixpath.join(path, f"{name}.tar")))
+                     failed=rows.num_rows - samples, bytes=fs.size(posixpath.join(path, f"{name}.tar")),
+                     offsets=offsets if len(offsets) == samples + 1 else None)
     return info, failures
 
 

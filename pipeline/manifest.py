@@ -1,13 +1,16 @@
 """The ingest manifest: the exact sample count of every shard, plus the run's summary.
 
 `manifest.parquet` lies beside the shards, one row per shard (`shard`, `path`, `samples`, `attempted`, `failed`,
-`bytes`), with the summary (input rows, successes, failures by reason, bytes) in the file's metadata under
-`clipforge.summary`. Training reads epoch sizes from here and never guesses.
+`bytes`, `offsets`), with the summary (input rows, successes, failures by reason, bytes) in the file's metadata under
+`clipforge.summary`. Training reads epoch sizes from here and never guesses. `offsets` is the shard's index: the
+byte offset where each sample's first tar member starts, plus the end of the last one, so a reader can start at any
+sample with one ranged read (empty in manifests written before it existed; readers then scan or read from the start).
 """
 
 from __future__ import annotations
 
 import json
+import tarfile
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
@@ -35,6 +38,8 @@ class ShardInfo:
     """Rows of this shard that failed (attempted - samples)."""
     bytes: int
     """Size of the tar file."""
+    offsets: list[int] | None = None
+    """Byte offset of each sample's first member, then the end of the last sample (samples + 1 values). Empty: unknown."""
 
 
 @dataclass(frozen=True)
@@ -78,8 +83,28 @@ class Manifest:
 
 _SCHEMA = pa.schema(
     [("shard", pa.int64()), ("path", pa.string()), ("samples", pa.int64()), ("attempted", pa.int64()),
-     ("failed", pa.int64()), ("bytes", pa.int64())]
+     ("failed", pa.int64()), ("bytes", pa.int64()), ("offsets", pa.list_(pa.int64()))]
 )
+
+
+def tar_sample_offsets(stream) -> list[int]:
+    """Sample index of a WebDataset tar: where each sample's first member header starts, then the end of the last.
+
+    Samples are grouped as webdataset groups them: consecutive regular files whose names share the part before the
+    first dot of the base name. A seekable stream is read header by header (data is skipped, not read).
+    """
+    offsets, previous, end = [], None, 0
+    with tarfile.open(fileobj=stream, mode="r:") as tar:
+        for member in tar:
+            if not member.isreg():
+                continue
+            directory, _, base = member.name.rpartition("/")
+            key = f"{directory}/{base.split('.', 1)[0]}"
+            if key != previous:
+                offsets.append(member.offset)
+                previous = key
+            end = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    return [*offsets, end] if offsets else [0]
 
 
 def write_manifest(location: str, shards: list[ShardInfo], summary: IngestSummary,
@@ -108,5 +133,5 @@ def read_manifest(location: str, config: StorageConfig | None = None) -> Manifes
         except FileNotFoundError:
             raise UserError(f"{location} has no {MANIFEST_NAME}: is it a dataset written by `clipforge ingest`?") from None
     meta = json.loads((table.schema.metadata or {}).get(_SUMMARY_KEY, b"{}"))
-    shards = [ShardInfo(**row) for row in table.to_pylist()]
+    shards = [ShardInfo(**row) for row in table.to_pylist()]  # manifests older than `offsets` lack that column
     return Manifest(location=location, shards=shards, summary=IngestSummary(**meta))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.manifest import IngestSummary, ShardInfo, write_manifest
+from pipeline.manifest import IngestSummary, ShardInfo, tar_sample_offsets, write_manifest
 from training.tokenizer import train_tokenizer
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
@@ -33,10 +33,11 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_dataset(folder: Path, sizes: list[int], corrupt: set[int] = frozenset()) -> Path:
+def write_dataset(folder: Path, sizes: list[int], corrupt: set[int] = frozenset(), with_index: bool = True) -> Path:
     """Shards of `sizes[i]` samples each, keys "SSSSSIIII", captions "a <colour> square number <n>".
 
-    Samples whose global number is in `corrupt` get bytes that are not an image.
+    Samples whose global number is in `corrupt` get bytes that are not an image. `with_index=False` leaves the per-shard
+    sample offsets out of the manifest, as in datasets ingested before they existed.
     """
     folder.mkdir(parents=True, exist_ok=True)
     shards, number = [], 0
@@ -51,8 +52,10 @@ def write_dataset(folder: Path, sizes: list[int], corrupt: set[int] = frozenset(
                 _add(tar, f"{key}.txt", f"a {colour} square number {number}".encode())
                 _add(tar, f"{key}.json", json.dumps({"colour": colour, "number": number}).encode())
                 number += 1
+        with open(path, "rb") as f:
+            offsets = tar_sample_offsets(f) if with_index else None
         shards.append(ShardInfo(shard=shard, path=path.name, samples=size, attempted=size, failed=0,
-                                bytes=path.stat().st_size))
+                                bytes=path.stat().st_size, offsets=offsets))
     summary = IngestSummary(input_rows=number, successes=number, shards=len(shards),
                             bytes=sum(s.bytes for s in shards))
     write_manifest(str(folder), shards, summary)

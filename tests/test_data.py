@@ -1,15 +1,22 @@
 """The training data loader: every sample read by exactly one worker of one rank per epoch, exact mid-epoch resume,
-corrupt samples skipped and counted."""
+corrupt samples skipped and counted, one loader for many epochs, and a segment that starts mid-shard reading only its
+own bytes."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
+import torch
+from fsspec.implementations.local import LocalFileSystem
+
+import training.data
 from pipeline.manifest import read_manifest
 from tests.shards import write_dataset, write_tokenizer
-from training.data import make_loader, steps_per_epoch
+from training.data import make_loader, plan_epoch, steps_per_epoch
+from training.transforms import device_crops, normalize
 
 
 @pytest.fixture(scope="module")
@@ -18,11 +25,13 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return write_dataset(root / "shards", sizes=[37, 50, 13, 44, 29, 51]), write_tokenizer(root / "tokenizer")
 
 
-def epoch_keys(dataset, *, rank, world_size, local_batch=8, loader_workers=2, epoch=0, start_step=0, seed=0):
+def epoch_keys(dataset, *, rank, world_size, local_batch=8, loader_workers=2, epoch=0, start_step=0, seed=0,
+               num_epochs=1):
     shards, tokenizer = dataset
     loader = make_loader(read_manifest(str(shards)), tokenizer_path=tokenizer, seed=seed, epoch=epoch, rank=rank,
                          world_size=world_size, local_batch=local_batch, image_size=32,
-                         loader_workers=loader_workers, start_step=start_step, shuffle_buffer=20)
+                         loader_workers=loader_workers, start_step=start_step, shuffle_buffer=20,
+                         num_epochs=num_epochs)
     return [batch["keys"] for batch in loader]
 
 
@@ -65,3 +74,75 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path: Path) -> None:
     keys = [k for b in batches for k in b["keys"]]
     assert "000000003" not in keys and "000000017" not in keys
     assert all(b["images"].shape == (8, 3, 32, 32) and b["tokens"].shape == (8, 32) for b in batches)
+    assert all(b["images"].dtype == torch.uint8 for b in batches)  # normalised on the training device
+
+
+@pytest.mark.parametrize("loader_workers, start_step", [(2, 0), (3, 2), (3, 7)])
+def test_one_loader_for_several_epochs_yields_each_epoch_in_order(dataset, loader_workers, start_step) -> None:
+    """Its processes live across epochs, yet the stream is the epochs' streams laid end to end (resumes included)."""
+    expected = [*epoch_keys(dataset, rank=1, world_size=2, loader_workers=loader_workers, epoch=3,
+                            start_step=start_step)]
+    for epoch in (4, 5):
+        expected += epoch_keys(dataset, rank=1, world_size=2, loader_workers=loader_workers, epoch=epoch)
+    assert epoch_keys(dataset, rank=1, world_size=2, loader_workers=loader_workers, epoch=3,
+                      start_step=start_step, num_epochs=3) == expected
+
+
+class CountingFileSystem(LocalFileSystem):
+    """The local filesystem, counting the bytes every read of an open file hands back (`cat_file` opens one too)."""
+
+    bytes_read = 0
+
+    def _open(self, path, mode="rb", **kwargs):
+        stream = super()._open(path, mode, **kwargs)
+        read = stream.read
+
+        def counted(*args):
+            data = read(*args)
+            CountingFileSystem.bytes_read += len(data)
+            return data
+
+        stream.read = counted
+        return stream
+
+
+def _rank1_resumed(tmp_path, monkeypatch, with_index: bool) -> tuple[list[str], int, int]:
+    """Rank 1 of 2 resumed at step 2: (keys it yields, bytes it read, bytes of its own samples)."""
+    shards = write_dataset(tmp_path / f"shards-{with_index}", sizes=[30, 30], with_index=with_index)
+    tokenizer = write_tokenizer(tmp_path / "tokenizer")
+    manifest = read_manifest(str(shards))
+    plans = plan_epoch(manifest, seed=0, epoch=0, rank=1, world_size=2, local_batch=4, loader_workers=1)
+    assert plans[0].segments[0].start > 0  # the test's premise: rank 1's slice starts mid-shard
+
+    monkeypatch.setattr(training.data, "_FILESYSTEMS", {(False, None): (os.getpid(), CountingFileSystem())})
+    monkeypatch.setattr(training.data, "_LOCAL_OFFSETS", {})
+    CountingFileSystem.bytes_read = 0
+    loader = make_loader(manifest, tokenizer_path=tokenizer, seed=0, epoch=0, rank=1, world_size=2, local_batch=4,
+                         image_size=32, loader_workers=0, start_step=2, shuffle_buffer=4)
+    keys = [k for batch in loader for k in batch["keys"]]
+    offsets = {Path(s.path).name: s.offsets for s in read_manifest(str(write_dataset(tmp_path / "i", [30, 30]))).shards}
+    own = sum(offsets[Path(s.url).name][s.stop] - offsets[Path(s.url).name][s.start] for s in plans[0].segments)
+    return keys, CountingFileSystem.bytes_read, own
+
+
+def test_a_segment_that_starts_mid_shard_reads_only_its_own_bytes(tmp_path, monkeypatch) -> None:
+    keys, bytes_read, own = _rank1_resumed(tmp_path, monkeypatch, with_index=True)
+    assert len(keys) == (60 // 8 - 2) * 4
+    assert bytes_read == own  # not one byte of the samples before its start (nor after its end)
+
+
+def test_old_datasets_without_the_index_read_the_same_samples(tmp_path, monkeypatch) -> None:
+    """A dataset ingested before the index existed: local shards are indexed from their tar headers on first use."""
+    indexed, _, _ = _rank1_resumed(tmp_path, monkeypatch, with_index=True)
+    keys, _, _ = _rank1_resumed(tmp_path, monkeypatch, with_index=False)
+    assert keys == indexed
+
+
+def test_device_crops_cut_the_drawn_box_and_normalise() -> None:
+    """The loader hands over whole uint8 images and a box per sample; the device cuts, resizes and normalises."""
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    same_size = torch.tensor([[0, 0, 64, 64], [10, 20, 32, 32]], dtype=torch.int32)
+    whole = device_crops(images, same_size[:1].expand(2, 4), 64)
+    torch.testing.assert_close(whole, normalize(images), atol=1e-4, rtol=0)  # the full box is the identity
+    cut = device_crops(images, same_size, 32)
+    torch.testing.assert_close(cut[1], normalize(images[1, :, 20:52, 10:42]), atol=1e-4, rtol=0)  # a pure crop

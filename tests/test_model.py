@@ -150,3 +150,23 @@ def test_tiny_preset_overfits_64_pairs_to_perfect_retrieval():
     similarity = model.encode_image(images, normalize=True) @ model.encode_text(tokens, normalize=True).T
     assert (similarity.argmax(dim=1) == labels).float().mean() == 1.0, "image -> text top-1"
     assert (similarity.argmax(dim=0) == labels).float().mean() == 1.0, "text -> image top-1"
+
+
+def test_patch_dropout_drops_tokens_in_training_and_never_at_evaluation():
+    torch.manual_seed(0)
+    model = create_model("tiny")
+    model.visual.patch_dropout = 0.5
+    images = torch.randn(4, 3, 32, 32)
+    seen = []  # tokens entering the first block
+    model.visual.blocks[0].register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
+    model.eval()
+    with torch.no_grad():
+        evaluated = model.encode_image(images)
+        full = model.visual(images, patch_dropout=0.75)  # eval ignores even an explicit rate
+        assert torch.equal(evaluated, full)
+        model.train()
+        reference = model.visual(images, patch_dropout=0.0)  # an explicit 0 keeps every patch in training too
+        dropped = model.encode_image(images)
+    assert seen == [17, 17, 17, 9]  # 16 patches + class token; half of the patches dropped only in training
+    torch.testing.assert_close(reference, evaluated)
+    assert not torch.allclose(dropped, evaluated)

@@ -1,5 +1,6 @@
 """The training loop in one process (no Ray): schedule, weight decay groups, gradient accumulation that keeps the
-contrastive batch whole, distributed data parallel equivalence, checkpoints and exact mid-epoch resume."""
+contrastive batch whole, distributed data parallel equivalence, checkpoints and exact mid-epoch resume; activation
+checkpointing, compile and FSDP2 with its sharded checkpoints."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch.multiprocessing as mp
 from tests.shards import write_dataset, write_tokenizer
 from training.checkpoint import load_weights, read_state
 from training.model import create_model
+from training.parallel import apply_activation_checkpointing, compile_blocks
 from training.train import TrainConfig, contrastive_step, learning_rate, parameter_groups, train_loop
 
 
@@ -108,7 +110,8 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return write_dataset(root / "shards", sizes=[40, 40, 40, 40]), write_tokenizer(root / "tokenizer")
 
 
-def _run(dataset, output: Path, steps: int, resume_from: Path | None = None, **changes) -> list[Path]:
+def _run(dataset, output: Path, steps: int, resume_from: Path | None = None, prepare_model=None,
+         **changes) -> list[Path]:
     shards, tokenizer = dataset
     config = TrainConfig(data=str(shards), output=str(output), preset="tiny", steps=steps, batch_size=16,
                          lr=2e-3, warmup_steps=5, checkpoint_every=5, log_every=1, loader_workers=0,
@@ -123,7 +126,7 @@ def _run(dataset, output: Path, steps: int, resume_from: Path | None = None, **c
             shutil.copytree(directory, target, dirs_exist_ok=True)
             saved.append(target)
 
-    train_loop(config, tokenizer, report, resume_from=resume_from)
+    train_loop(config, tokenizer, report, resume_from=resume_from, prepare_model=prepare_model)
     return saved
 
 
@@ -152,3 +155,64 @@ def test_resume_mid_epoch_repeats_and_skips_nothing(dataset, tmp_path: Path) -> 
     assert keys(resumed[-1]) == keys(straight[-1])  # steps 1-5 from before the stop, 6-15 after it
     losses = lambda path: [h["loss"] for h in _history(path)]
     assert losses(resumed[-1]) == pytest.approx(losses(straight[-1]), abs=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# what is applied from outside: activation checkpointing, compile, FSDP2 (training.parallel)
+
+
+def _losses(steps: int, prepare=lambda model: None, **changes) -> list[float]:
+    torch.manual_seed(0)
+    model = create_model("tiny")
+    prepare(model)
+    config = TrainConfig(data="unused", preset="tiny", batch_size=16, precision="fp32", **changes)
+    optimizer = torch.optim.AdamW(parameter_groups(model, 0.2), lr=1e-3)
+    losses = []
+    for step in range(steps):
+        optimizer.zero_grad()
+        losses.append(contrastive_step(model, *_batch(16, seed=step), config, torch.device("cpu")).item())
+        optimizer.step()
+    return losses
+
+
+def test_activation_checkpointing_changes_memory_not_results() -> None:
+    assert _losses(3, apply_activation_checkpointing) == pytest.approx(_losses(3), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager() -> None:
+    """torch.compile (inductor's C++ backend on CPU) of every block: the same losses over a few steps."""
+    eager = _losses(3)
+    assert _losses(3, compile_blocks) == pytest.approx(eager, abs=1e-4)
+    assert eager[-1] != pytest.approx(eager[0], abs=1e-3)  # the weights did move between steps
+
+
+def _strategy_runs(rank: int, world_size: int, port: int, dataset: tuple[Path, Path], root: str) -> None:
+    """In each of 2 gloo processes: 10 steps with DDP, 10 with FSDP2, and FSDP2 stopped at 5 then resumed to 10."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    torch.set_num_threads(1)
+    ddp = lambda model: torch.nn.parallel.DistributedDataParallel(model)  # noqa: E731 - what Ray's prepare_model does
+    _run(dataset, Path(root) / "ddp", steps=10, prepare_model=ddp, precision="fp32")
+    _run(dataset, Path(root) / "fsdp", steps=10, strategy="fsdp", precision="fp32")
+    _run(dataset, Path(root) / "stopped", steps=5, strategy="fsdp", precision="fp32")
+    dist.barrier()  # every rank's part of the checkpoint is in place
+    _run(dataset, Path(root) / "resumed", steps=10, strategy="fsdp", precision="fp32",
+         resume_from=Path(root) / "stopped" / "step_00000005")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp_trains_like_ddp_and_resumes_exactly_from_its_sharded_checkpoint(dataset, tmp_path: Path) -> None:
+    mp.spawn(_strategy_runs, args=(2, _free_port(), dataset, str(tmp_path)), nprocs=2, join=True)
+    last = lambda name: tmp_path / name / "step_00000010"  # noqa: E731
+    losses = lambda name: [h["loss"] for h in _history(last(name))]  # noqa: E731
+    assert losses("fsdp") == pytest.approx(losses("ddp"), abs=1e-4)
+    assert losses("resumed") == pytest.approx(losses("fsdp"), abs=1e-6)
+    assert (tmp_path / "stopped" / "step_00000005" / "sharded" / "__1_0.distcp").exists()  # rank 1 wrote its part
+    assert not (tmp_path / "fsdp" / "step_00000005" / "model.safetensors").exists()  # nothing gathered mid-run
+    sharded, _ = load_weights(last("fsdp"))  # the single model file of the last step
+    replicated, _ = load_weights(last("ddp"))
+    for name, tensor in replicated.state_dict().items():
+        torch.testing.assert_close(sharded.state_dict()[name], tensor, atol=1e-4, rtol=1e-3, msg=name)

@@ -61,14 +61,21 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> 
 
 
 def save_checkpoint(directory: str | Path, model: torch.nn.Module, tokenizer: Tokenizer,
-                    optimizer: torch.optim.Optimizer | None = None, state: dict[str, Any] | None = None) -> Path:
-    """Write a checkpoint to the local `directory` atomically (complete or absent) and return it."""
+                    optimizer: torch.optim.Optimizer | None = None, state: dict[str, Any] | None = None,
+                    weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write a checkpoint to the local `directory` atomically (complete or absent) and return it.
+
+    `weights` replaces the model's own state dict (FSDP2: the gathered one); an empty dict writes no weights file
+    (a sharded checkpoint keeps them in `sharded/`, see training.parallel).
+    """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     clip = _unwrap(model)
-    weights = {name: tensor.detach().contiguous().cpu() for name, tensor in clip.state_dict().items()}
-    save_file(weights, staging / MODEL_FILE)
+    if weights is None:
+        weights = clip.state_dict()
+    if weights:
+        save_file({name: tensor.detach().contiguous().cpu() for name, tensor in weights.items()}, staging / MODEL_FILE)
     (staging / MODEL_CONFIG_FILE).write_text(clip.config.model_dump_json(indent=2))
     tokenizer.save(staging)
     full_state = {**(state or {}), "tokenizer": tokenizer.kind}

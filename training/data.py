@@ -12,11 +12,22 @@ samples of its batches before s without decoding them, so no sample is repeated 
 
 Corrupt samples (an image that does not decode) are skipped and counted in each batch's `skipped`; a worker short
 of samples at the end of its slice because of them wraps around to the start of its slice (counted in `padded`).
+
+Feeding a GPU: one DataLoader serves all the epochs of a run (`num_epochs`), so its processes live across epochs and
+the next epoch's first batches are read while the last ones of this epoch train; worker roles are rotated per epoch so
+that torch's round-robin still yields the steps in order. Processes hand over uint8 images (normalised on the device
+with their random crop boxes, cut, resized and normalised on the device by `training.transforms.device_crops`),
+into pinned memory when asked. A segment that starts inside a shard reads only
+its own bytes: the manifest's per-shard sample offsets give its byte range, fetched in ranged reads through one
+filesystem per process (old manifests without offsets: local shards are indexed on first use by reading their tar
+headers; remote ones are read from the start as before).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,19 +38,21 @@ import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from pipeline import storage
-from pipeline.manifest import Manifest
+from pipeline.manifest import Manifest, tar_sample_offsets
 from pipeline.storage import StorageConfig
 from training.tokenizer import Tokenizer
-from training.transforms import train_transform
+from training.transforms import train_crop
 
 
 @dataclass(frozen=True)
 class Segment:
-    """Samples [start, stop) of one shard, in tar order."""
+    """Samples [start, stop) of one shard, in tar order; bytes [first_byte, end_byte) of it when the shard is indexed."""
 
     url: str
     start: int
     stop: int
+    first_byte: int | None = None
+    end_byte: int | None = None
 
 
 @dataclass(frozen=True)
@@ -65,11 +78,12 @@ def _seed(*parts: object) -> int:
 
 
 def plan_epoch(manifest: Manifest, *, seed: int, epoch: int, rank: int, world_size: int, local_batch: int,
-               loader_workers: int, start_step: int = 0) -> list[LoaderPlan]:
+               loader_workers: int, start_step: int = 0, yielded_before: int = 0) -> list[LoaderPlan]:
     """The plan of every loader worker of `rank` for `epoch`, resuming after `start_step` steps of that epoch.
 
-    Loader worker j of the returned list serves the batches of role (j + start_step) % W, so that torch's
-    DataLoader, which reads its workers round-robin starting at worker 0, yields global step start_step first.
+    Loader worker j of the returned list serves the batches of role (j + start_step - yielded_before) % W, so that
+    torch's DataLoader, which reads its workers round-robin starting at worker 0 and has already yielded
+    `yielded_before` batches of earlier epochs, yields step start_step of this epoch next.
     """
     shards = [s for s in manifest.shards if s.samples > 0]
     random.Random(_seed(seed, epoch, "shards")).shuffle(shards)
@@ -85,9 +99,11 @@ def plan_epoch(manifest: Manifest, *, seed: int, epoch: int, rank: int, world_si
     def segments(begin: int, end: int) -> tuple[Segment, ...]:
         found = []
         for shard_start, shard in zip(starts, shards):
-            lo, hi = max(begin, shard_start), min(end, shard_start + shard.samples)
+            lo, hi = max(begin, shard_start) - shard_start, min(end, shard_start + shard.samples) - shard_start
             if lo < hi:
-                found.append(Segment(storage.join(manifest.location, shard.path), lo - shard_start, hi - shard_start))
+                indexed = shard.offsets is not None and len(shard.offsets) == shard.samples + 1
+                found.append(Segment(storage.join(manifest.location, shard.path), lo, hi,
+                                     shard.offsets[lo] if indexed else None, shard.offsets[hi] if indexed else None))
         return tuple(found)
 
     role_batches = [len(range(role, steps, workers)) for role in range(workers)]
@@ -99,7 +115,7 @@ def plan_epoch(manifest: Manifest, *, seed: int, epoch: int, rank: int, world_si
         plans_by_role.append(LoaderPlan(segments(cursor, cursor + size), role_batches[role], consumed,
                                         _seed(seed, epoch, rank, role)))
         cursor += size
-    return [plans_by_role[(j + start_step) % workers] for j in range(workers)]
+    return [plans_by_role[(j + start_step - yielded_before) % workers] for j in range(workers)]
 
 
 def tar_samples(stream, url: str, handler) -> Iterator[dict]:
@@ -108,16 +124,72 @@ def tar_samples(stream, url: str, handler) -> Iterator[dict]:
     return group_by_keys(files, handler=handler)
 
 
+_FILESYSTEMS: dict[tuple, tuple[int, object]] = {}
+_LOCAL_OFFSETS: dict[str, list[int]] = {}
+
+
+def _filesystem(url: str, config: StorageConfig | None):
+    """`storage.filesystem`, created once per process (per kind of location) and reused for every segment."""
+    key = (storage.is_remote(url), config)
+    pid, fs = _FILESYSTEMS.get(key, (None, None))
+    if pid != os.getpid():  # a forked loader process never reuses its parent's client
+        fs = storage.filesystem(url, config)[0]
+        _FILESYSTEMS[key] = (os.getpid(), fs)
+    return fs, url[len(storage.S3_SCHEME):].rstrip("/") if storage.is_remote(url) else storage.absolute(url)
+
+
+class ByteRange(io.RawIOBase):
+    """Bytes [begin, end) of a file, fetched in ranged reads of at most `chunk` bytes (one GET each on S3)."""
+
+    def __init__(self, fs, path: str, begin: int, end: int, chunk: int = 8 << 20):
+        super().__init__()
+        self.fs, self.path, self.position, self.end, self.chunk = fs, path, begin, end, chunk
+        self.pending = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if not self.pending:
+            if self.position >= self.end:
+                return 0
+            stop = min(self.position + self.chunk, self.end)
+            self.pending = memoryview(self.fs.cat_file(self.path, start=self.position, end=stop))
+            self.position = stop
+        n = min(len(buffer), len(self.pending))
+        buffer[:n] = self.pending[:n]
+        self.pending = self.pending[n:]
+        return n
+
+
+def _byte_range(segment: Segment, fs, path: str) -> tuple[int, int] | None:
+    """Where the segment's samples lie in its shard: from the manifest, or by indexing a local shard once."""
+    if segment.first_byte is not None:
+        return segment.first_byte, segment.end_byte
+    if segment.start == 0 or storage.is_remote(segment.url):
+        return None  # reading from the start costs nothing extra, or indexing would read the whole remote shard
+    if path not in _LOCAL_OFFSETS:
+        with fs.open(path, "rb") as stream:
+            _LOCAL_OFFSETS[path] = tar_sample_offsets(stream)  # headers only: the data is seeked over
+    offsets = _LOCAL_OFFSETS[path]
+    return (offsets[segment.start], offsets[segment.stop]) if segment.stop < len(offsets) else None
+
+
 def _read_segment(segment: Segment, config: StorageConfig | None, errors: list[Exception]) -> Iterator[dict]:
     """Raw samples ({"__key__", "jpg", "txt", ...} bytes) of one segment; nothing decoded."""
-    fs, path = storage.filesystem(segment.url, config)
+    fs, path = _filesystem(segment.url, config)
 
     def note(err: Exception) -> bool:
         errors.append(err)
         return True  # keep going
 
-    with fs.open(path, "rb") as stream:
-        for index, sample in enumerate(tar_samples(stream, segment.url, note)):
+    byte_range = _byte_range(segment, fs, path)
+    if byte_range is not None:  # only the segment's own bytes, starting at its first sample
+        stream, first = ByteRange(fs, path, *byte_range), segment.start
+    else:
+        stream, first = fs.open(path, "rb"), 0
+    with stream:
+        for index, sample in enumerate(tar_samples(stream, segment.url, note), start=first):
             if index >= segment.stop:
                 return
             if index >= segment.start:
@@ -138,15 +210,19 @@ def _shuffled(samples: Iterator[dict], buffer_size: int, rng: random.Random) -> 
 
 
 class ShardBatches(torch.utils.data.IterableDataset):
-    """Yields dicts {images (B, 3, S, S) float32, tokens (B, T) int64, keys [B], skipped, padded} for one epoch."""
+    """Yields dicts {images (B, 3, S, S) uint8, crops (B, 4) int32, tokens (B, T) int64, keys [B], skipped, padded}
+    for one or more epochs; `training.transforms.device_crops(images, crops, S)` gives the model's input.
 
-    def __init__(self, plans: list[LoaderPlan], *, local_batch: int, image_size: int, tokenizer_path: str,
-                 shuffle_buffer: int, crop_scale: tuple[float, float], seed: int, epoch: int,
+    `plans[i]` holds the loader-worker plans of epoch `epochs[i]`; each worker runs its plan of every epoch in turn.
+    """
+
+    def __init__(self, plans: list[list[LoaderPlan]], epochs: list[int], *, local_batch: int, image_size: int,
+                 tokenizer_path: str, shuffle_buffer: int, crop_scale: tuple[float, float], seed: int,
                  storage_config: StorageConfig | None = None):
         super().__init__()
-        self.plans, self.local_batch, self.image_size = plans, local_batch, image_size
+        self.plans, self.epochs, self.local_batch, self.image_size = plans, epochs, local_batch, image_size
         self.tokenizer_path, self.shuffle_buffer, self.crop_scale = tokenizer_path, shuffle_buffer, crop_scale
-        self.seed, self.epoch, self.storage_config = seed, epoch, storage_config
+        self.seed, self.storage_config = seed, storage_config
 
     def _raw(self, plan: LoaderPlan, errors: list[Exception]) -> Iterator[dict]:
         def stream() -> Iterator[dict]:
@@ -157,14 +233,18 @@ class ShardBatches(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
-        plan = self.plans[info.id if info is not None else 0]
+        worker = info.id if info is not None else 0
         tokenizer = Tokenizer.load(self.tokenizer_path)
+        for epoch, plans in zip(self.epochs, self.plans):
+            yield from self._epoch(plans[worker], epoch, tokenizer)
+
+    def _epoch(self, plan: LoaderPlan, epoch: int, tokenizer: Tokenizer) -> Iterator[dict]:
         errors: list[Exception] = []
         samples = self._raw(plan, errors)
         for _ in range(plan.skip_batches * self.local_batch):  # already trained on before the resume
             next(samples, None)
         produced, skipped, padded, wrapped = plan.skip_batches, 0, 0, False
-        images, captions, keys = [], [], []
+        images, boxes, captions, keys = [], [], [], []
         while produced < plan.batches:
             sample = next(samples, None)
             if sample is None:  # slice exhausted early because of corrupt samples: wrap around
@@ -173,43 +253,52 @@ class ShardBatches(torch.utils.data.IterableDataset):
                 samples, wrapped = self._raw(plan, errors), True
                 continue
             try:
-                rng = random.Random(_seed(self.seed, self.epoch, sample["__key__"]))
-                image = train_transform(sample["jpg"], self.image_size, rng, self.crop_scale)
+                rng = random.Random(_seed(self.seed, epoch, sample["__key__"]))
+                image, box = train_crop(sample["jpg"], self.image_size, rng, self.crop_scale)  # cut on the device
                 caption = sample["txt"].decode("utf-8")
             except Exception:  # noqa: BLE001 - a corrupt sample is skipped and counted, never fatal
                 skipped += 1
                 continue
             images.append(image)
+            boxes.append(box)
             captions.append(caption)
             keys.append(sample["__key__"])
             padded += wrapped
             if len(images) == self.local_batch:
-                yield {"images": torch.stack(images), "tokens": tokenizer.encode_batch(captions), "keys": keys,
-                       "skipped": skipped + len(errors), "padded": padded}
+                images = torch.stack([i.permute(1, 2, 0) for i in images]).permute(0, 3, 1, 2)  # channels-last: a memcpy
+                yield {"images": images, "crops": torch.tensor(boxes, dtype=torch.int32),
+                       "tokens": tokenizer.encode_batch(captions), "keys": keys, "skipped": skipped + len(errors),
+                       "padded": padded}
                 produced += 1
-                images, captions, keys, skipped, padded = [], [], [], 0, 0
+                images, boxes, captions, keys, skipped, padded = [], [], [], [], 0, 0
                 errors.clear()
 
 
 def make_loader(manifest: Manifest, *, tokenizer_path: str | Path, seed: int, epoch: int, rank: int,
                 world_size: int, local_batch: int, image_size: int, loader_workers: int = 2, start_step: int = 0,
                 shuffle_buffer: int = 1000, crop_scale: tuple[float, float] = (0.8, 1.0),
-                storage_config: StorageConfig | None = None) -> torch.utils.data.DataLoader:
-    """A DataLoader over one epoch of `manifest`'s shards for `rank`, starting after `start_step` steps."""
-    plans = plan_epoch(manifest, seed=seed, epoch=epoch, rank=rank, world_size=world_size, local_batch=local_batch,
-                       loader_workers=loader_workers, start_step=start_step)
-    dataset = ShardBatches(plans, local_batch=local_batch, image_size=image_size, tokenizer_path=str(tokenizer_path),
-                           shuffle_buffer=shuffle_buffer, crop_scale=crop_scale, seed=seed, epoch=epoch,
-                           storage_config=storage_config)
-    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=loader_workers,
-                                       persistent_workers=False, prefetch_factor=4 if loader_workers else None)
+                storage_config: StorageConfig | None = None, num_epochs: int = 1,
+                pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader over epochs [epoch, epoch + num_epochs) of `manifest`'s shards for `rank`, starting after
+    `start_step` steps of the first; its processes serve every epoch (images arrive as uint8)."""
+    epoch_steps = steps_per_epoch(manifest, world_size * local_batch)
+    epochs = list(range(epoch, epoch + num_epochs))
+    plans = [plan_epoch(manifest, seed=seed, epoch=e, rank=rank, world_size=world_size, local_batch=local_batch,
+                        loader_workers=loader_workers, start_step=start_step if e == epoch else 0,
+                        yielded_before=0 if e == epoch else epoch_steps * (e - epoch) - start_step)
+             for e in epochs]
+    dataset = ShardBatches(plans, epochs, local_batch=local_batch, image_size=image_size,
+                           tokenizer_path=str(tokenizer_path), shuffle_buffer=shuffle_buffer, crop_scale=crop_scale,
+                           seed=seed, storage_config=storage_config)
+    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=loader_workers, pin_memory=pin_memory,
+                                       prefetch_factor=4 if loader_workers else None)
 
 
 def read_captions(manifest: Manifest, limit: int = 200_000, config: StorageConfig | None = None) -> Iterator[str]:
     """Up to `limit` captions of a dataset, in shard order (for training a tokenizer)."""
     count = 0
     for url in manifest.shard_urls():
-        fs, path = storage.filesystem(url, config)
+        fs, path = _filesystem(url, config)
         with fs.open(path, "rb") as stream:
             for sample in tar_samples(stream, url, wds.warn_and_continue):
                 if "txt" in sample:

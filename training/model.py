@@ -158,12 +158,25 @@ class VisionTransformer(nn.Module):
         )
         self.ln_post = nn.LayerNorm(width)
         self.projection = nn.Linear(width, config.embed_dim, bias=False)
+        self.patch_dropout = 0.0  # share of patch tokens dropped in training (FLIP); set by the training code
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(images)  # (B, C, g, g)
-        x = x.flatten(2).transpose(1, 2)  # (B, g*g, C)
-        class_token = self.class_token.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, C)
-        x = torch.cat([class_token, x], dim=1) + self.position_embedding.to(x.dtype)  # (B, T = g*g + 1, C)
+    def forward(self, images: torch.Tensor, patch_dropout: float | None = None) -> torch.Tensor:
+        B, p = images.shape[0], self.patch_embed.kernel_size[0]
+        patches = images.unfold(2, p, p).unfold(3, p, p)  # (B, 3, g, g, p, p)
+        patches = patches.permute(0, 2, 3, 1, 4, 5).flatten(3).flatten(1, 2)  # (B, g*g, 3*p*p), the kernel's order
+        position = self.position_embedding[1:].expand(B, -1, -1)  # (B, g*g, C)
+        rate = self.patch_dropout if patch_dropout is None else patch_dropout
+        if self.training and rate > 0:  # FLIP: keep a random subset of patches per image, never at evaluation
+            keep = max(1, round(patches.shape[1] * (1 - rate)))
+            kept = torch.rand(patches.shape[:2], device=images.device).argsort(dim=1)[:, :keep]  # (B, keep)
+            patches = patches.gather(1, kept.unsqueeze(-1).expand(-1, -1, patches.shape[2]))  # (B, keep, 3*p*p)
+            position = position.gather(1, kept.unsqueeze(-1).expand(-1, -1, position.shape[2]))  # (B, keep, C)
+        # the stride-p convolution as one matmul over the kept patches (the same weights; far faster on CPU)
+        x = F.linear(patches, self.patch_embed.weight.flatten(1))  # (B, kept patches, C)
+        x = x + position.to(x.dtype)
+        class_token = self.class_token + self.position_embedding[0]
+        class_token = class_token.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, C)
+        x = torch.cat([class_token, x], dim=1)  # (B, T = kept patches + 1, C)
         x = self.ln_pre(x)
         for block in self.blocks:
             x = block(x)

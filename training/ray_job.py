@@ -38,7 +38,7 @@ from training.train import TrainConfig, default_tokenizer_vocab, loader_processe
 
 # settings that do not change what is trained: a re-run that changes only these resumes the same run
 _OPERATIONAL = {"ray_address", "max_failures", "run_name", "log_every", "loader_workers", "cpus_per_worker",
-                "storage", "record_sample_keys", "output", "device"}
+                "storage", "record_sample_keys", "output", "device", "compile", "activation_checkpointing"}
 
 
 @dataclass(frozen=True)

@@ -34,8 +34,11 @@ from training.data import make_loader, steps_per_epoch
 from training.device import DeviceSetting, Precision, PrecisionSetting, autocast, describe, hardware_name, resolve_precision
 from training.loss import distributed_clip_loss
 from training.model import CLIP, MODEL_PRESETS, create_model
+from training.parallel import (apply_activation_checkpointing, clip_grad_norm, compile_blocks, full_state_dict, is_sharded,
+                               load_sharded, make_optimizer, resolve_compile, save_sharded, shard_model)
 from training.progress import Progress
 from training.tokenizer import Tokenizer
+from training.transforms import device_crops
 
 Report = Callable[[dict[str, Any], Path | None], None]
 
@@ -92,6 +95,23 @@ class TrainConfig(Config):
 
     loss_chunk_size: int | None = Field(None, gt=0)
     """Tile the contrastive loss in blocks of this many rows (memory linear in the batch). Empty: dense."""
+
+    patch_dropout: float = Field(0.0, ge=0, lt=1)
+    """Share of image patches dropped at random in training (FLIP; 0.5 about halves the image tower); never at
+    evaluation."""
+
+    patch_dropout_final_steps: int = Field(0, ge=0)
+    """Train the last this many steps on every patch (FLIP's short unmasked phase)."""
+
+    compile: bool | Literal["auto"] = "auto"
+    """torch.compile each transformer block. "auto": on CUDA only (on CPU compiling outweighs short runs)."""
+
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass: less memory (bigger batches), about 1/3 more compute."""
+
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """Several workers: ddp (a full model on each) or fsdp (FSDP2: parameters, gradients and optimizer state sharded,
+    every rank writing its part of each checkpoint; one safetensors model at the end)."""
 
     seed: int = 0
     """Seed of the initial weights, the epoch shuffles and the augmentations."""
@@ -307,13 +327,17 @@ def train_loop(config: TrainConfig, tokenizer_path: str | Path, report: Report, 
     if config.lock_text:
         lock_tower(model.text, config.lock_text_unlocked_layers)
     tower_lr_scale = (config.tower_lr or config.lr) / config.lr
-    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay, tower_lr_scale), lr=config.lr,
-                                  betas=config.betas, eps=config.eps)
+    sharded = prepare_from_outside(model, config, device, world_size)
+    optimizer = make_optimizer(parameter_groups(model, config.weight_decay, tower_lr_scale), device, lr=config.lr,
+                               betas=config.betas, eps=config.eps)
     step, history, keys_log = 0, [], []
     if resume_from is not None:
-        resumed, _ = load_weights(resume_from)
-        model.load_state_dict(resumed.state_dict())
-        load_optimizer_state(resume_from, optimizer)
+        if is_sharded(resume_from):
+            load_sharded(resume_from, model, optimizer)
+        else:
+            resumed, _ = load_weights(resume_from)
+            model.load_state_dict(resumed.state_dict())
+            load_optimizer_state(resume_from, optimizer)
         state = read_state(resume_from)
         step = state["step"]
         torch.set_rng_state(torch.tensor(state["rng"]["torch"], dtype=torch.uint8))
@@ -321,7 +345,7 @@ def train_loop(config: TrainConfig, tokenizer_path: str | Path, report: Report, 
         history = _read_jsonl(resume_from / "metrics.jsonl")
         keys_log = _read_jsonl(resume_from / "sample_keys.jsonl") if config.record_sample_keys else []
     clip: CLIP = model
-    trained = prepare_model(model) if prepare_model else model
+    trained = prepare_model(model) if prepare_model and not sharded else model  # DDP
     image_size = clip.config.image_size
 
     if progress:
@@ -329,62 +353,94 @@ def train_loop(config: TrainConfig, tokenizer_path: str | Path, report: Report, 
                   "runtime": f"{world_size} worker(s), {describe(device, precision)}, {loader_workers} loader "
                              f"process(es) and {torch.get_num_threads()} torch threads per worker"})
     metrics: dict[str, Any] = {}
-    window = {"samples": 0, "seconds": 0.0, "waiting": 0.0, "loss": 0.0, "steps": 0, "skipped": 0}
+    window = {"samples": 0, "waiting": 0.0, "loss": torch.zeros((), device=device), "steps": 0, "skipped": 0}
+    window_start = time.perf_counter()
+    first_epoch, start_step = divmod(step, epoch_steps)
+    # one loader (and its processes) for every remaining epoch; uint8 images, pinned for asynchronous copies on CUDA
+    loader = make_loader(manifest, tokenizer_path=tokenizer_path, seed=config.seed, epoch=first_epoch, rank=rank,
+                         world_size=world_size, local_batch=local_batch, image_size=image_size,
+                         loader_workers=loader_workers, start_step=start_step,
+                         shuffle_buffer=config.shuffle_buffer, crop_scale=(config.crop_scale_min, 1.0),
+                         storage_config=config.storage, num_epochs=math.ceil(last_step / epoch_steps) - first_epoch,
+                         pin_memory=device.type == "cuda")
+    batches = iter(loader)
     while step < last_step:
-        epoch, start_step = divmod(step, epoch_steps)
-        loader = make_loader(manifest, tokenizer_path=tokenizer_path, seed=config.seed, epoch=epoch, rank=rank,
-                             world_size=world_size, local_batch=local_batch, image_size=image_size,
-                             loader_workers=loader_workers, start_step=start_step,
-                             shuffle_buffer=config.shuffle_buffer, crop_scale=(config.crop_scale_min, 1.0),
-                             storage_config=config.storage)
-        batches = iter(loader)
-        for _ in range(start_step, epoch_steps):
-            if step >= last_step:
-                break
-            tick = time.perf_counter()
-            batch = next(batches)
-            waited = time.perf_counter() - tick
-            lr = learning_rate(step, last_step, config.lr, warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
-            optimizer.zero_grad(set_to_none=True)
-            loss = contrastive_step(trained, batch["images"].to(device), batch["tokens"].to(device), config, device,
-                                    precision)
-            if config.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_([p for p in clip.parameters() if p.requires_grad], config.grad_clip)
-            optimizer.step()
-            clip.clamp_logit_scale()
-            step += 1
-            elapsed = time.perf_counter() - tick
-            if config.record_sample_keys:
-                keys_log.append({"step": step, "epoch": epoch, "rank": rank, "keys": batch["keys"]})
-            window.update(samples=window["samples"] + config.batch_size, seconds=window["seconds"] + elapsed,
-                          waiting=window["waiting"] + waited, loss=window["loss"] + loss.item(),
-                          steps=window["steps"] + 1, skipped=window["skipped"] + batch["skipped"])
+        epoch = step // epoch_steps
+        tick = time.perf_counter()
+        batch = next(batches)
+        window["waiting"] += time.perf_counter() - tick
+        lr = learning_rate(step, last_step, config.lr, warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        clip.visual.patch_dropout = config.patch_dropout if step < last_step - config.patch_dropout_final_steps else 0.0
+        optimizer.zero_grad(set_to_none=True)
+        images = device_crops(batch["images"].to(device, non_blocking=True),  # uint8 over the bus, cut on the device
+                              batch["crops"].to(device, non_blocking=True), image_size)
+        loss = contrastive_step(trained, images, batch["tokens"].to(device, non_blocking=True), config, device,
+                                precision)
+        if config.grad_clip is not None:
+            clip_grad_norm(clip, config.grad_clip)
+        optimizer.step()
+        clip.clamp_logit_scale()
+        step += 1
+        if config.record_sample_keys:
+            keys_log.append({"step": step, "epoch": epoch, "rank": rank, "keys": batch["keys"]})
+        window["loss"] += loss  # stays on the device: no host sync until the window is logged
+        window.update(samples=window["samples"] + config.batch_size, steps=window["steps"] + 1,
+                      skipped=window["skipped"] + batch["skipped"])
+        if progress:
+            progress({"event": "step", "step": step})
+        if step % record_every == 0 or step == last_step:
+            metrics = _window_metrics(window, window_start, clip, step, epoch, lr, device)
+            history.append(metrics)
             if progress:
-                progress({"event": "step", "step": step})
-            if step % record_every == 0 or step == last_step:
-                metrics = {
-                    "step": step, "epoch": epoch, "loss": window["loss"] / window["steps"], "lr": lr,
-                    "logit_scale": clip.logit_scale().item(), "temperature": 1 / clip.logit_scale().item(),
-                    "samples_per_second": window["samples"] / window["seconds"],
-                    "data_wait_share": window["waiting"] / window["seconds"], "skipped_samples": window["skipped"],
-                }
-                history.append(metrics)
-                if progress:
-                    progress({"event": "metrics", "step": step, "metrics": metrics})
-                window = dict.fromkeys(window, 0)
-                window["seconds"] = 0.0
-            if step % config.checkpoint_every == 0 or step == last_step:
-                _checkpoint(config, clip, tokenizer, optimizer, step, epoch_steps, history, keys_log, rank, report,
-                            runtime)
+                progress({"event": "metrics", "step": step, "metrics": metrics})
+            window = {"samples": 0, "waiting": 0.0, "loss": torch.zeros((), device=device), "steps": 0, "skipped": 0}
+            window_start = time.perf_counter()
+        if step % config.checkpoint_every == 0 or step == last_step:
+            _checkpoint(config, clip, tokenizer, optimizer, step, epoch_steps, history, keys_log, rank, report,
+                        runtime, sharded=sharded, final=step == last_step)
+    return metrics
+
+
+def prepare_from_outside(model: CLIP, config: TrainConfig, device: torch.device, world_size: int) -> bool:
+    """Activation checkpointing, compile, FSDP2 (in that order, before the optimizer is built; DDP comes after).
+    Returns whether the model is now sharded."""
+    if config.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if resolve_compile(config.compile, device):
+        compile_blocks(model)
+    if config.strategy == "fsdp" and world_size > 1:
+        shard_model(model)
+        return True
+    return False
+
+
+def _window_metrics(window: dict[str, Any], window_start: float, clip: CLIP, step: int, epoch: int, lr: float,
+                    device: torch.device) -> dict[str, Any]:
+    """The logged record of one window of steps: the one place the loop waits for the device."""
+    loss = window["loss"].item() / window["steps"]  # the host sync: every step of the window has finished
+    seconds = time.perf_counter() - window_start  # after the sync: the device's time, not the host's
+    scale = clip.logit_scale().item()
+    metrics = {
+        "step": step, "epoch": epoch, "loss": loss, "lr": lr, "logit_scale": scale, "temperature": 1 / scale,
+        "samples_per_second": window["samples"] / seconds, "data_wait_share": window["waiting"] / seconds,
+        "skipped_samples": window["skipped"],
+    }
+    if device.type == "cuda":
+        metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return metrics
 
 
 def _checkpoint(config: TrainConfig, model: CLIP, tokenizer: Tokenizer, optimizer: torch.optim.Optimizer,
                 step: int, epoch_steps: int, history: list[dict], keys_log: list[dict], rank: int,
-                report: Report, runtime: dict[str, Any]) -> None:
-    """Every rank reports (Ray Train needs all of them); rank 0 attaches the checkpoint directory."""
+                report: Report, runtime: dict[str, Any], sharded: bool = False, final: bool = False) -> None:
+    """Every rank reports (Ray Train needs all of them); rank 0 attaches the checkpoint directory. A sharded model
+    (FSDP2): every rank attaches a folder with its part (Ray Train merges them), the last one also the whole model."""
+    if sharded:
+        _sharded_checkpoint(config, model, tokenizer, optimizer, step, epoch_steps, history, rank, report, runtime,
+                            final)
+        return
     if config.record_sample_keys and dist.is_available() and dist.is_initialized():
         gathered: list[list[dict]] = [None] * dist.get_world_size()  # type: ignore[list-item]
         dist.all_gather_object(gathered, keys_log)
@@ -395,19 +451,37 @@ def _checkpoint(config: TrainConfig, model: CLIP, tokenizer: Tokenizer, optimize
     if rank != 0:
         report(metrics, None)
         return
+    with tempfile.TemporaryDirectory(prefix="clipforge-ckpt-") as scratch:
+        directory = save_checkpoint(Path(scratch) / f"step_{step:08d}", model, tokenizer, optimizer,
+                                    _state(config, step, epoch_steps, runtime))
+        (directory / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in history))
+        if config.record_sample_keys:
+            (directory / "sample_keys.jsonl").write_text("".join(json.dumps(k) + "\n" for k in keys_log))
+        report(metrics, directory)
+
+
+def _state(config: TrainConfig, step: int, epoch_steps: int, runtime: dict[str, Any]) -> dict[str, Any]:
     epoch, step_in_epoch = divmod(step, epoch_steps)
     python_state = random.getstate()
-    state = {
+    return {
         "step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "samples_seen": step * config.batch_size,
         "rng": {"torch": torch.get_rng_state().tolist(), "python": [python_state[0], list(python_state[1]),
                                                                       python_state[2]]},
         "config": config.model_dump(mode="json"), "runtime": runtime,
     }
+
+
+def _sharded_checkpoint(config: TrainConfig, model: CLIP, tokenizer: Tokenizer, optimizer: torch.optim.Optimizer,
+                        step: int, epoch_steps: int, history: list[dict], rank: int, report: Report,
+                        runtime: dict[str, Any], final: bool) -> None:
+    weights = full_state_dict(model) if final else {}  # collective; the single model file of the export
+    metrics = {**(history[-1] if history else {}), "step": step}
     with tempfile.TemporaryDirectory(prefix="clipforge-ckpt-") as scratch:
-        directory = save_checkpoint(Path(scratch) / f"step_{step:08d}", model, tokenizer, optimizer, state)
-        (directory / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in history))
-        if config.record_sample_keys:
-            (directory / "sample_keys.jsonl").write_text("".join(json.dumps(k) + "\n" for k in keys_log))
+        directory = Path(scratch) / f"step_{step:08d}"
+        if rank == 0:
+            save_checkpoint(directory, model, tokenizer, None, _state(config, step, epoch_steps, runtime), weights=weights)
+            (directory / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in history))
+        save_sharded(directory, model, optimizer)  # collective: each rank writes its own part
         report(metrics, directory)
 
 
