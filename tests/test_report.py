@@ -14,10 +14,12 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image
 
 from training.evaluate import retrieval_metrics, zero_shot_metrics
+from training.brand import BrandProfile, roc_auc, roc_curve
 from training.report import brand_report, evaluation_report, format_evaluation, search_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -104,25 +106,40 @@ def test_evaluation_report_renders_in_headless_chromium(tmp_path: Path) -> None:
     assert len(np.unique(lower.reshape(-1, 3), axis=0)) > 200
 
 
-@needs_chromium
-def test_brand_and_search_reports_render_thumbnails_and_histogram(tmp_path: Path) -> None:
+def brand_profile() -> BrandProfile:
     rng = np.random.default_rng(0)
-    heldout = np.sort(rng.normal(0.8, 0.05, size=60))
-    scored = np.concatenate([rng.normal(0.8, 0.05, 20), rng.normal(0.5, 0.1, 20)])
-    rows = [{"key": f"img-{i}.png", "cosine": float(c), "percentile": float((heldout <= c).mean() * 100),
-             "verdict": "on-brand" if c >= heldout[2] else "off-brand", "error": None,
-             "thumbnail": thumbnail((200, 30 + 5 * i, 60))} for i, c in enumerate(scored)]
-    rows.append({"key": "bomb.png", "cosine": None, "percentile": None, "verdict": "error",
+    approved, references = np.clip(rng.normal(0.8, 0.1, 60), 0, 1), np.clip(rng.normal(0.2, 0.15, 90), 0, 1)
+    fpr, tpr, _ = roc_curve(approved, references)
+    info = {"approved_images": 300, "reference_images": 450, "references": "competitors/", "features": "both",
+            "style_blocks": [0, 1], "guidelines": ["flat pastel"], "auc": roc_auc(approved, references), "min_auc": 0.8,
+            "warning": None, "roc": {"false_accept_rate": fpr.tolist(), "true_accept_rate": tpr.tolist()},
+            "calibration_error_heldout": 0.03, "threshold": 0.5, "target_false_accept_rate": 0.05,
+            "heldout_false_accept_rate": 0.04, "expected_false_reject_rate": 0.1, "heldout_approved": 60,
+            "heldout_references": 90}
+    return BrandProfile(np.zeros(4), np.ones(4), np.zeros(4), 0.0, (1.0, 0.0), None, approved, references,
+                        pa.table({"key": ["a"]}), info)
+
+
+@needs_chromium
+def test_brand_and_search_reports_render_thumbnails_roc_and_histograms(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    scored = np.clip(np.concatenate([rng.normal(0.8, 0.1, 20), rng.normal(0.2, 0.1, 20)]), 0, 1)
+    rows = [{"key": f"img-{i}.png", "probability": float(p), "verdict": "on-brand" if p >= 0.5 else "off-brand",
+             "error": None, "thumbnail": thumbnail((200, 30 + 5 * i, 60)), "nearest_approved": f"ok-{i}.png",
+             "nearest_approved_cosine": 0.9, "nearest_approved_thumbnail": thumbnail((40, 160, 40)),
+             "nearest_reference": f"other-{i}.png", "nearest_reference_cosine": 0.8,
+             "nearest_reference_thumbnail": thumbnail((160, 40, 160))} for i, p in enumerate(scored)]
+    rows.append({"key": "bomb.png", "probability": None, "verdict": "error",
                  "error": "too_many_pixels: declares 30000x30000", "thumbnail": None})
-    summary = {"profile": "brand/profile", "model": "checkpoints/tiny", "images": "uploads", "on-brand": 22,
-               "off-brand": 18, "error": 1, "threshold_percentile": 5.0, "threshold_cosine": float(heldout[2])}
+    summary = {"profile": "brand/profile", "model": "checkpoints/tiny", "images": "uploads", "on-brand": 20,
+               "off-brand": 20, "error": 1, "threshold": 0.5}
     path = tmp_path / "brand.html"
-    path.write_text(brand_report(summary, heldout, scored, rows), encoding="utf-8")
+    path.write_text(brand_report(summary, brand_profile(), scored, rows), encoding="utf-8")
     html = path.read_text()
-    assert 'alt="brand score histogram"' in html and "too_many_pixels" in html
-    assert len(DATA_URI.findall(html)) == 1 + 24  # histogram + 12 least + 12 most on-brand thumbnails
+    assert 'alt="held-out ROC curve"' in html and 'alt="score histograms"' in html and "too_many_pixels" in html
+    assert len(DATA_URI.findall(html)) == 2 + 3 * 12  # ROC + histograms; 6 least and 6 most on-brand, each explained
     image = screenshot(path, tmp_path)
-    assert pixels_near(image, (214, 39, 40), tolerance=20) > 20, "threshold line missing"  # dashed red line
+    assert pixels_near(image, (214, 39, 40), tolerance=20) > 20, "reference histogram or operating point missing"
     assert pixels_near(image, (200, 80, 60), tolerance=60) > 2000, "thumbnails missing"
 
     hits = [{"rank": r + 1, "key": f"k{r}", "score": 0.9 - r / 10, "thumbnail": thumbnail((20, 40 * r, 200))}

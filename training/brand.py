@@ -59,7 +59,7 @@ PROFILE_FILE, SCORER_FILE, EXAMPLES_FILE = "profile.json", "scorer.npz", "exampl
 ON_BRAND, OFF_BRAND, ERROR = "on-brand", "off-brand", "error"
 APPROVED, REFERENCE = "approved", "reference"
 Features = Literal["embedding", "style", "both"]
-PENALTIES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # L2 strengths tried on the inner split
+PENALTIES = (1e-3, 1e-2, 1e-1, 1.0)  # L2 strengths tried on the inner split (on standardised features)
 
 
 class _ImageOptions(Config):
@@ -152,7 +152,8 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, penalty: float, balanced: bool = 
         weights = torch.where(labels > 0, 0.5 / positives, 0.5 / (len(labels) - positives).clamp(min=1)) * len(labels)
     w = torch.zeros(features.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    optimiser = torch.optim.LBFGS([w, b], max_iter=500, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
+    # 200 iterations reach the optimum to ~1e-6 here; near-separable sets with a weak penalty would creep on for long
+    optimiser = torch.optim.LBFGS([w, b], max_iter=200, tolerance_grad=1e-7, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         optimiser.zero_grad()
