@@ -66,8 +66,10 @@ DEMO_WORKDIR = ".clipforge"
 DEMO_SETTINGS: dict[str, dict[str, Any]] = {
     "ingest": {"output": f"{DEMO_WORKDIR}/data/openmoji", "image_size": 64, "samples_per_shard": 256,
                "min_success_rate": 0.95},
-    "train": {"output": f"{DEMO_WORKDIR}/runs/demo", "preset": "small", "epochs": 4, "batch_size": 128, "lr": 5e-4,
-              "warmup_steps": 20, "checkpoint_every": 50},
+    # patch dropout 0.5 makes a step 1.5x cheaper at equal quality per epoch, which buys 6 epochs for the time of 4
+    # (README, "The demo's recipe")
+    "train": {"output": f"{DEMO_WORKDIR}/runs/demo", "preset": "small", "epochs": 6, "batch_size": 128, "lr": 5e-4,
+              "warmup_steps": 20, "checkpoint_every": 50, "patch_dropout": 0.5},
     "evaluation": {"label_field": "group", "templates": "emoji"},
     "registry": {"model_name": "openmoji-clip"},
 }

@@ -76,9 +76,9 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     "tiny": _VIT_B_32.derive(image_size=32, patch_size=8, vision_width=64, vision_layers=2, vision_heads=2,
                              text_width=64, text_layers=2, text_heads=2, vocab_size=1024, context_length=32,
                              embed_dim=64),
-    # the CPU demo: 64 px images (8x8 patches of 8 px), short emoji captions
+    # the CPU demo: 64 px images (8x8 patches of 8 px), short emoji captions (the longest Unicode name, 19 tokens)
     "small": _VIT_B_32.derive(image_size=64, patch_size=8, vision_width=256, vision_layers=6, vision_heads=4,
-                              text_width=256, text_layers=6, text_heads=4, vocab_size=8192, context_length=32,
+                              text_width=256, text_layers=6, text_heads=4, vocab_size=8192, context_length=20,
                               embed_dim=256),
     "vit-b-32": _VIT_B_32,
     "vit-b-16": _VIT_B_32.derive(patch_size=16),
