@@ -93,7 +93,7 @@ class Terminal:
 
 
 def test_ctrl_c_stops_everything_and_the_same_command_resumes(data: Path, tmp_path: Path) -> None:
-    command = train_command(data, tmp_path / "run", steps=40)
+    command = train_command(data, tmp_path / "run", steps=400)  # long enough that Ctrl-C lands mid-training
     terminal = Terminal(command)
     try:
         terminal.wait_for(b"train:", timeout=300)  # rank 0's first line: training has started
@@ -116,5 +116,5 @@ def test_ctrl_c_stops_everything_and_the_same_command_resumes(data: Path, tmp_pa
 
     again = subprocess.run(command, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert "train step 40/40 (100%)" in again.stderr
-    assert "step 0 of 40" not in again.stderr  # resumed from a checkpoint, not started over
+    assert "train step 400/400 (100%)" in again.stderr
+    assert "step 0 of 400" not in again.stderr  # resumed from a checkpoint, not started over
