@@ -28,11 +28,6 @@ DeviceSetting = Literal["auto", "cpu", "cuda"]
 PrecisionSetting = Literal["auto", "bf16", "fp32"]
 Precision = Literal["bf16", "fp32"]
 
-DEVICE_HELP = "auto: a CUDA GPU when one is visible, else the CPU; cpu or cuda force it."
-PRECISION_HELP = ("auto: bf16 autocast where the hardware runs bf16 natively (CUDA GPUs with bf16, CPUs with AMX or "
-                  "AVX-512 BF16), else fp32; bf16 or fp32 force it (forced bf16 on other CPUs is emulated: slow).")
-
-
 class EmulatedBF16Warning(UserWarning):
     """bf16 was forced on hardware that only emulates it."""
 
