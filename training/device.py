@@ -28,6 +28,7 @@ DeviceSetting = Literal["auto", "cpu", "cuda"]
 PrecisionSetting = Literal["auto", "bf16", "fp32"]
 Precision = Literal["bf16", "fp32"]
 
+
 class EmulatedBF16Warning(UserWarning):
     """bf16 was forced on hardware that only emulates it."""
 
