@@ -22,7 +22,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infra.processes import ServerHandle, wait_until_stopped
+from infra.processes import ServerHandle, free_port, wait_until_stopped
 
 HOST = "127.0.0.1"
 DEFAULT_USER = "prefect"
@@ -82,7 +81,7 @@ def start_postgres(workdir: str | os.PathLike[str], password: str = DEFAULT_PASS
     data = workdir / "data"
     if not (data / "PG_VERSION").exists():
         _initdb(data, user, password, run_as)
-    port = port or _free_port()
+    port = port or free_port(HOST)
     log = workdir / LOG_NAME
     command = [binary("postgres"), "-D", str(data), "-p", str(port), "-c", f"listen_addresses={HOST}",
                "-c", "unix_socket_directories=", "-c", "logging_collector=off"]
@@ -171,11 +170,6 @@ def _wait_ready(handle: Postgres, deadline: float) -> None:
             time.sleep(0.3)
     raise PostgresError(f"PostgreSQL did not accept a login in time ({last_error}){_log_tail(handle)}")
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 def _log_tail(handle: Postgres, lines: int = 30) -> str:

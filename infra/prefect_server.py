@@ -35,7 +35,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infra.processes import ServerHandle, wait_until_stopped
+from infra.processes import ServerHandle, free_port, wait_until_stopped
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 4200
@@ -122,7 +122,7 @@ def start_prefect_server(
     home.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + timeout
     for attempt in range(1, attempts + 1):
-        chosen = port if port is not None else _free_port()
+        chosen = port if port is not None else free_port(HOST)
         if not _port_free(chosen):
             # something else listens there; our health check would talk to it while our server fails to bind
             if port is not None:
@@ -196,11 +196,6 @@ def _launch(home: Path, port: int, database_url: str | None = None,
             start_new_session=True,  # its own process group: stop() signals the group, Ctrl-C in a shell does not
         )
 
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 def _port_free(port: int) -> bool:

@@ -9,11 +9,33 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
+
+
+def free_ports(count: int = 1, host: str = "127.0.0.1", avoid: frozenset[int] = frozenset()) -> list[int]:
+    """`count` distinct ports the OS reports free on `host` (held open together so that they differ)."""
+    sockets: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < count:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind((host, 0))
+            sockets.append(sock)
+            if sock.getsockname()[1] not in avoid:
+                ports.append(sock.getsockname()[1])
+    finally:
+        for sock in sockets:
+            sock.close()
+    return ports
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    return free_ports(1, host)[0]
 
 
 def pid_alive(pid: int) -> bool:

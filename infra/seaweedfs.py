@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,7 +28,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infra.processes import ServerHandle, wait_until_stopped
+from infra.processes import ServerHandle, free_ports, wait_until_stopped
 
 DEFAULT_ACCESS_KEY = "clipforge-dev"
 DEFAULT_SECRET_KEY = "clipforge-dev-secret"
@@ -113,8 +112,8 @@ def start_seaweedfs(
     config = _write_identities(workdir, access_key, secret_key)
     deadline = time.monotonic() + timeout
     for attempt in range(1, attempts + 1):
-        ports = dict(zip(_COMPONENTS, _free_ports(len(_COMPONENTS)), strict=True))
-        grpc_ports = dict(zip(_COMPONENTS, _free_ports(len(_COMPONENTS), avoid=set(ports.values())), strict=True))
+        ports = dict(zip(_COMPONENTS, free_ports(len(_COMPONENTS)), strict=True))
+        grpc_ports = dict(zip(_COMPONENTS, free_ports(len(_COMPONENTS), avoid=frozenset(ports.values())), strict=True))
         if s3_port is not None:
             ports["s3"] = s3_port
         process = _launch(workdir, config, ports, grpc_ports)
@@ -177,23 +176,6 @@ def _write_identities(workdir: Path, access_key: str, secret_key: str) -> Path:
     os.chmod(path, 0o600)
     return path
 
-
-def _free_ports(count: int, avoid: set[int] = frozenset()) -> list[int]:
-    """`count` distinct ports the OS reports free on 127.0.0.1 (held open together so they differ)."""
-    sockets: list[socket.socket] = []
-    ports: list[int] = []
-    try:
-        while len(ports) < count:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-            port = sock.getsockname()[1]
-            if port not in avoid:
-                ports.append(port)
-    finally:
-        for sock in sockets:
-            sock.close()
-    return ports
 
 
 def _launch(workdir: Path, config: Path, ports: dict[str, int], grpc_ports: dict[str, int]) -> subprocess.Popen[bytes]:

@@ -33,6 +33,7 @@ from typing import Any
 
 import psutil
 
+from infra.processes import free_port
 from pipeline import storage
 from pipeline.errors import UserError
 
@@ -50,11 +51,6 @@ def ray_init_kwargs(address: str | None) -> dict[str, Any]:
     loopback = {"_node_ip_address": "127.0.0.1"} if host in ("127.0.0.1", "localhost") else {}
     return {"address": address, **loopback}
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait_for_port(port: int, process: subprocess.Popen, timeout: float = 120.0) -> None:
@@ -85,7 +81,7 @@ def _enable_token_auth() -> None:
 def start_local_ray(num_cpus: int | None = None) -> tuple[subprocess.Popen, str, str]:
     """`ray start --head` on 127.0.0.1 with free ports and token authentication, in a process group of its own
     (stopped by its pid, never by `ray stop`); returns (process, GCS address, dashboard URL)."""
-    ports = {name: _free_port() for name in ("port", "dashboard-port", "ray-client-server-port",
+    ports = {name: free_port() for name in ("port", "dashboard-port", "ray-client-server-port",
                                               "dashboard-agent-listen-port", "metrics-export-port")}
     ray = str(Path(sys.executable).with_name("ray"))
     _enable_token_auth()

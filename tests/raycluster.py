@@ -5,18 +5,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import psutil
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from infra.processes import free_port  # noqa: F401 - the tests that start nodes take their ports here
 
 
 def ray_node(args: list[str], temp_dir: str, env: dict, python: str | None = None) -> subprocess.Popen:
