@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from tests.distributed import init_gloo, spawn
 from training.loss import _RowLogSumExp, chunked_clip_loss, clip_loss, distributed_clip_loss
 
 TOLERANCE = 1e-5
@@ -87,19 +85,13 @@ def test_row_logsumexp_equals_dense():
 WORLD_SIZE, ROWS_PER_PROCESS, INPUT_DIM, EMBED_DIM = 2, 37, 12, 16
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _embed(projection: torch.nn.Linear, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A stand-in for the two towers: one shared layer, so that DDP-style gradient averaging can be checked."""
     return F.normalize(projection(inputs), dim=-1), F.normalize(projection(inputs.flip(-1)), dim=-1)
 
 
-def _worker(rank: int, port: int, chunk_size: int | None) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
+def _worker(rank: int, world_size: int, port: int, chunk_size: int | None) -> None:
+    init_gloo(rank, world_size, port)
     try:
         torch.manual_seed(0)  # the same global batch and weights on every process
         inputs = torch.randn(WORLD_SIZE * ROWS_PER_PROCESS, INPUT_DIM)
@@ -141,4 +133,4 @@ def _worker(rank: int, port: int, chunk_size: int | None) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("chunk_size", [None, 16], ids=["local-loss", "local-loss+chunked"])
 def test_distributed_loss_in_two_processes_equals_formula_on_concatenated_batch(chunk_size: int | None):
-    mp.spawn(_worker, args=(_free_port(), chunk_size), nprocs=WORLD_SIZE, join=True)
+    spawn(_worker, args=(chunk_size,), nprocs=WORLD_SIZE)

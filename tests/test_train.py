@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from tests.distributed import init_gloo, spawn
 from tests.shards import write_dataset, write_tokenizer
 from training.checkpoint import load_weights, read_state
 from training.model import create_model
@@ -61,10 +60,7 @@ def test_accumulation_of_k_micro_batches_equals_one_batch_k_times_larger() -> No
         torch.testing.assert_close(grads_acc[name], grad, atol=2e-5, rtol=1e-4, msg=name)
 
 
-def _ddp_steps(rank: int, world_size: int, port: int, steps: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if world_size > 1:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+def _ddp_losses(rank: int, world_size: int, steps: int) -> list[float]:
     torch.manual_seed(0)
     model = create_model("tiny")
     config = TrainConfig(data="unused", preset="tiny", batch_size=16, precision="fp32")
@@ -82,24 +78,24 @@ def _ddp_steps(rank: int, world_size: int, port: int, steps: int, out: str) -> N
             dist.all_reduce(loss)
             loss /= world_size
         losses.append(loss.item())
+    return losses
+
+
+def _ddp_process(rank: int, world_size: int, port: int, steps: int, out: str) -> None:
+    """One of the gloo processes. DDP is gone before its process group: the other order can hang in DDP's teardown."""
+    init_gloo(rank, world_size, port)
+    losses = _ddp_losses(rank, world_size, steps)
     if rank == 0:
         Path(out).write_text(json.dumps(losses))
-    if world_size > 1:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_two_workers_of_batch_b_train_like_one_worker_of_batch_2b(tmp_path: Path) -> None:
     """Same seed, same global batch: 2 gloo processes x 8 and 1 process x 16 give the same losses (tolerance 1e-4)."""
-    _ddp_steps(0, 1, 0, 4, str(tmp_path / "one.json"))
-    mp.spawn(_ddp_steps, args=(2, _free_port(), 4, str(tmp_path / "two.json")), nprocs=2, join=True)
-    one, two = json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text())
+    one = _ddp_losses(0, 1, 4)
+    spawn(_ddp_process, args=(4, str(tmp_path / "two.json")))
+    two = json.loads((tmp_path / "two.json").read_text())
     assert one == pytest.approx(two, abs=1e-4)
     assert one[-1] != pytest.approx(one[0], abs=1e-3)  # the weights did move between steps
 
@@ -189,9 +185,7 @@ def test_compiled_blocks_train_like_eager() -> None:
 
 def _strategy_runs(rank: int, world_size: int, port: int, dataset: tuple[Path, Path], root: str) -> None:
     """In each of 2 gloo processes: 10 steps with DDP, 10 with FSDP2, and FSDP2 stopped at 5 then resumed to 10."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    torch.set_num_threads(1)
+    init_gloo(rank, world_size, port)
     ddp = lambda model: torch.nn.parallel.DistributedDataParallel(model)  # noqa: E731 - what Ray's prepare_model does
     _run(dataset, Path(root) / "ddp", steps=10, prepare_model=ddp, precision="fp32")
     _run(dataset, Path(root) / "fsdp", steps=10, strategy="fsdp", precision="fp32")
@@ -205,7 +199,7 @@ def _strategy_runs(rank: int, world_size: int, port: int, dataset: tuple[Path, P
 
 @pytest.mark.slow
 def test_fsdp_trains_like_ddp_and_resumes_exactly_from_its_sharded_checkpoint(dataset, tmp_path: Path) -> None:
-    mp.spawn(_strategy_runs, args=(2, _free_port(), dataset, str(tmp_path)), nprocs=2, join=True)
+    spawn(_strategy_runs, args=(dataset, str(tmp_path)))
     last = lambda name: tmp_path / name / "step_00000010"  # noqa: E731
     losses = lambda name: [h["loss"] for h in _history(last(name))]  # noqa: E731
     assert losses("fsdp") == pytest.approx(losses("ddp"), abs=1e-4)
