@@ -210,3 +210,26 @@ def test_fsdp_trains_like_ddp_and_resumes_exactly_from_its_sharded_checkpoint(da
     replicated, _ = load_weights(last("ddp"))
     for name, tensor in replicated.state_dict().items():
         torch.testing.assert_close(sharded.state_dict()[name], tensor, atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_a_worker_error_reaches_the_user_as_its_own_line() -> None:
+    from ray.exceptions import RayTaskError
+    from ray.train import WorkerGroupError
+
+    from pipeline.errors import UserError
+    from training.ray_job import _root_cause
+
+    try:
+        raise UserError("data has no manifest.parquet")
+    except UserError as err:
+        wrapped = RayTaskError("train_fn", "Traceback ...", err)  # how Ray carries a worker's exception
+    failure = WorkerGroupError("rank 0 and 1 failed", {1: RuntimeError("later rank"), 0: wrapped})
+    cause = _root_cause(failure)
+    assert isinstance(cause, UserError) and str(cause) == "data has no manifest.parquet"
+
+
+def test_local_locations_become_absolute_for_workers_that_run_elsewhere(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = TrainConfig(data="shards/train", init_from="runs/parent/model")
+    assert config.data == str(tmp_path / "shards" / "train") and config.init_from == str(tmp_path / "runs/parent/model")
+    assert TrainConfig(data="s3://bucket/shards").data == "s3://bucket/shards"

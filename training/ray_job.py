@@ -237,6 +237,19 @@ def _show_progress(queue: Any, display: ProgressDisplay, stop: threading.Event) 
             return
 
 
+def _root_cause(err: BaseException) -> BaseException:
+    """The error behind Ray's wrappers: the lowest failed rank's own exception, its causes followed."""
+    while True:
+        if failures := getattr(err, "worker_failures", None):  # ray: WorkerGroupError, rank -> error
+            err = failures[min(failures)]
+        elif isinstance(getattr(err, "cause", None), BaseException):  # ray: RayTaskError around the worker's error
+            err = err.cause
+        elif err.__cause__ is not None:
+            err = err.__cause__
+        else:
+            return err
+
+
 def _fit(trainer: Any) -> Any:
     """`trainer.fit()` on a helper thread, so that Ctrl-C and SIGTERM reach this process as KeyboardInterrupt and
     unwind it (taking down the local Ray): on the main thread, Ray Train installs a SIGINT handler of its own that
@@ -299,9 +312,9 @@ def run_training(config: TrainConfig) -> TrainResult:
         try:
             result = _fit(trainer)
         except Exception as err:  # noqa: BLE001 - Ray wraps worker errors; show the root cause in one line
-            cause = err
-            while cause.__cause__ is not None:
-                cause = cause.__cause__
+            cause = _root_cause(err)
+            if isinstance(cause, UserError):
+                raise UserError(storage.redact(str(cause))) from err
             if message := cluster.missing_code_message(cause):
                 raise UserError(message) from err
             raise UserError(f"training failed: {type(cause).__name__}: "

@@ -24,11 +24,11 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from pipeline.config import Config
 from pipeline.manifest import read_manifest
-from pipeline.storage import StorageConfig
+from pipeline.storage import StorageConfig, absolute
 from training.checkpoint import load_optimizer_state, load_weights, read_state, save_checkpoint
 from training.data import make_loader, steps_per_epoch
 from training.device import DeviceSetting, Precision, PrecisionSetting, autocast, describe, hardware_name, resolve_precision
@@ -178,6 +178,12 @@ class TrainConfig(Config):
 
     storage: StorageConfig = StorageConfig()
     """How to reach object storage for s3:// locations."""
+
+    @field_validator("data", "init_from")
+    @classmethod
+    def _absolute(cls, location: str | None) -> str | None:
+        """Read by Ray workers, which do not run in this process's folder: a relative path becomes absolute here."""
+        return None if location is None else absolute(location)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
