@@ -171,7 +171,6 @@ def _wait_ready(handle: Postgres, deadline: float) -> None:
     raise PostgresError(f"PostgreSQL did not accept a login in time ({last_error}){_log_tail(handle)}")
 
 
-
 def _log_tail(handle: Postgres, lines: int = 30) -> str:
     path = handle.workdir / LOG_NAME
     text = path.read_text(errors="replace").splitlines()[-lines:] if path.exists() else []

@@ -197,7 +197,6 @@ def _launch(home: Path, port: int, database_url: str | None = None,
         )
 
 
-
 def _port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:

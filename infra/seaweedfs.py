@@ -177,7 +177,6 @@ def _write_identities(workdir: Path, access_key: str, secret_key: str) -> Path:
     return path
 
 
-
 def _launch(workdir: Path, config: Path, ports: dict[str, int], grpc_ports: dict[str, int]) -> subprocess.Popen[bytes]:
     logs = workdir / "logs"
     command = [weed_binary(), f"-logdir={logs}", "mini"]  # -logdir is a global flag: it goes before `mini`

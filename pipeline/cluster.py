@@ -52,7 +52,6 @@ def ray_init_kwargs(address: str | None) -> dict[str, Any]:
     return {"address": address, **loopback}
 
 
-
 def _wait_for_port(port: int, process: subprocess.Popen, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -82,7 +81,7 @@ def start_local_ray(num_cpus: int | None = None) -> tuple[subprocess.Popen, str,
     """`ray start --head` on 127.0.0.1 with free ports and token authentication, in a process group of its own
     (stopped by its pid, never by `ray stop`); returns (process, GCS address, dashboard URL)."""
     ports = {name: free_port() for name in ("port", "dashboard-port", "ray-client-server-port",
-                                              "dashboard-agent-listen-port", "metrics-export-port")}
+                                             "dashboard-agent-listen-port", "metrics-export-port")}
     ray = str(Path(sys.executable).with_name("ray"))
     _enable_token_auth()
     command = [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",

@@ -11,8 +11,6 @@ from pathlib import Path
 
 import psutil
 
-from infra.processes import free_port  # noqa: F401 - the tests that start nodes take their ports here
-
 
 def ray_node(args: list[str], temp_dir: str, env: dict, python: str | None = None) -> subprocess.Popen:
     """`ray start --block` in its own process group: stopping it (by its pid) stops that node and nothing else.

@@ -23,11 +23,12 @@ import psutil
 import pytest
 import yaml
 
+from infra.processes import free_port
 from pipeline import storage
 from pipeline.catalog import build_openmoji_catalog, serve_directory, write_url_list
 from pipeline.manifest import read_manifest
 from tests.conftest import TEST_BUCKET
-from tests.raycluster import free_port, in_group, ray_node, stop_node
+from tests.raycluster import in_group, ray_node, stop_node
 
 
 

@@ -329,7 +329,8 @@ def test_wrong_storage_credentials_give_one_line_and_status_2(tmp_path: Path, s3
 def test_ingest_distributes_shards_over_a_ray_cluster(tmp_path: Path) -> None:
     import tempfile
 
-    from tests.raycluster import free_port, ray_node, stop_node
+    from infra.processes import free_port
+    from tests.raycluster import ray_node, stop_node
 
     port = free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(16).hex()}

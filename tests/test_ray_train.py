@@ -17,11 +17,12 @@ from pathlib import Path
 import psutil
 import pytest
 
+from infra.processes import free_port
 from pipeline import storage
 from pipeline.catalog import build_openmoji_catalog, serve_directory, write_url_list
 from pipeline.ingest import IngestConfig, ingest
 from pipeline.manifest import read_manifest
-from tests.raycluster import free_port, in_group, ray_node, stop_node
+from tests.raycluster import in_group, ray_node, stop_node
 from training.data import steps_per_epoch
 
 pytestmark = pytest.mark.slow
