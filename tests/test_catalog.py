@@ -58,6 +58,12 @@ def test_captions_from_unicode_names() -> None:
     assert catalog.caption_from_name(":United_States:", "country-flag") == "flag: United States"
 
 
+def test_caption_variants_put_the_caption_first_without_repeats() -> None:
+    assert catalog.caption_variants("grinning face", "face-smiling", [":grinning:"]) == [
+        "grinning face", "grinning face, face smiling", "grinning", "an emoji of grinning face", "grinning face icon"]
+    assert catalog.caption_variants("dog", "", [":dog:"]) == ["dog", "an emoji of dog", "dog icon"]
+
+
 def test_limited_openmoji_split_keeps_skin_tone_families_together(openmoji_300: Path) -> None:
     rows = catalog.read_catalog(openmoji_300).to_pylist()
     assert len(rows) == 300
@@ -83,6 +89,8 @@ def test_limited_openmoji_rows_are_labelled_and_rendered(openmoji_300: Path) -> 
         assert caption.count(":") <= 1  # only Unicode's "name: attributes" separator
         assert row["group"] and row["subgroup"]
         assert row["emoji"] and row["image"] == f"images/{row['hexcode']}.png"
+        assert row["captions"][0] == caption and len(row["captions"]) >= 3  # name, name with subgroup, templates
+    assert any(len(row["captions"]) > 4 for row in rows)  # shortcode aliases where the emoji package has them
     assert len({row["group"] for row in rows}) >= 8  # a limited sample still spans the groups
     with Image.open(openmoji_300 / rows[0]["image"]) as image:
         assert image.size == (64, 64) and image.mode == "RGB"
@@ -214,6 +222,8 @@ def test_url_list_served_over_loopback_returns_the_pngs(openmoji_300: Path, tmp_
         for row, source in zip(rows, expected):
             assert row["url"] == f"{base_url}/{source['image']}"
             assert row["caption"] == source["caption"] and row["group"] == source["group"]
+            captions = row["captions"]  # a list in parquet and jsonl; its JSON text in csv and tsv, as ingest keeps it
+            assert (captions if isinstance(captions, list) else json.loads(captions)) == source["captions"]
             with urllib.request.urlopen(row["url"], timeout=10) as response:
                 body = response.read()
                 assert response.headers["Content-Type"] == "image/png"

@@ -4,18 +4,21 @@ own bytes."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
-
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
 import training.data
 from pipeline.manifest import read_manifest
-from tests.shards import write_dataset, write_tokenizer
-from training.data import make_loader, plan_epoch, steps_per_epoch
+from pipeline.ingest import json_safe
+from tests.shards import COLOURS, caption_list, write_dataset, write_tokenizer
+from training.data import make_loader, plan_epoch, sample_captions, steps_per_epoch
+from training.tokenizer import Tokenizer
 from training.transforms import device_crops, normalize
 
 
@@ -146,3 +149,67 @@ def test_device_crops_cut_the_drawn_box_and_normalise() -> None:
     torch.testing.assert_close(whole, normalize(images), atol=1e-4, rtol=0)  # the full box is the identity
     cut = device_crops(images, same_size, 32)
     torch.testing.assert_close(cut[1], normalize(images[1, :, 20:52, 10:42]), atol=1e-4, rtol=0)  # a pure crop
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Several captions per image
+
+
+@pytest.fixture(scope="module")
+def captioned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("captioned")
+    return (write_dataset(root / "shards", sizes=[37, 50, 13, 44], caption_lists=True),
+            write_tokenizer(root / "tokenizer"))
+
+
+def epoch_captions(captioned, *, epoch=0, seed=0, start_step=0, caption_field="captions", loader_workers=2,
+                   num_epochs=1) -> list[tuple[str, tuple[int, ...]]]:
+    """(key, token ids) of every sample the loader yields, in order."""
+    shards, tokenizer = captioned
+    loader = make_loader(read_manifest(str(shards)), tokenizer_path=tokenizer, seed=seed, epoch=epoch, rank=0,
+                         world_size=1, local_batch=8, image_size=32, loader_workers=loader_workers,
+                         start_step=start_step, shuffle_buffer=20, caption_field=caption_field, num_epochs=num_epochs)
+    return [(key, tuple(ids.tolist())) for batch in loader for key, ids in zip(batch["keys"], batch["tokens"])]
+
+
+def which_caption(captioned, key: str, ids: tuple[int, ...]) -> int:
+    """Index of the sample's caption (in its list) that `ids` encode."""
+    number = sum([37, 50, 13, 44][:int(key[:5])]) + int(key[5:])
+    tokenizer = Tokenizer.load(captioned[1])
+    encoded = [tuple(tokenizer.encode(c).tolist()) for c in caption_list(COLOURS[number % len(COLOURS)], number)]
+    assert ids in encoded, f"{key} was read with a caption outside its list"
+    return encoded.index(ids)
+
+
+def test_caption_lists_are_drawn_per_epoch_from_the_epoch_seed(captioned) -> None:
+    epochs = [dict(epoch_captions(captioned, epoch=e)) for e in range(3)]
+    choices = {key: [which_caption(captioned, key, epoch[key]) for epoch in epochs]
+               for key in set.intersection(*(set(e) for e in epochs))}
+    assert {c for picks in choices.values() for c in picks} == {0, 1, 2}  # every caption of the lists is used
+    changed = sum(len(set(picks)) > 1 for picks in choices.values())
+    assert changed > len(choices) / 2  # most samples are read with another caption in some epoch (chance: 8/9)
+    assert epoch_captions(captioned, epoch=1) == list(epochs[1].items())  # the same epoch again: the same captions
+    other_seed = dict(epoch_captions(captioned, epoch=1, seed=1))
+    assert any(other_seed[k] != epochs[1][k] for k in other_seed if k in epochs[1])
+
+
+def test_without_a_caption_field_every_sample_reads_its_caption(captioned) -> None:
+    assert all(which_caption(captioned, key, ids) == 0
+               for key, ids in epoch_captions(captioned, epoch=2, caption_field=None))
+
+
+@pytest.mark.parametrize("start_step", [2, 5])
+def test_a_resumed_epoch_reads_the_same_captions(captioned, start_step: int) -> None:
+    full = epoch_captions(captioned, epoch=1, num_epochs=2)
+    steps = len(full) // 8 // 2
+    resumed = epoch_captions(captioned, epoch=1, start_step=start_step, num_epochs=2)
+    assert resumed == full[start_step * 8:] and len(full) == 2 * steps * 8
+
+
+def test_a_list_column_reaches_the_loader_through_ingest_json() -> None:
+    """Ingest stores a list column as JSON text (img2dataset's json writer takes scalars); the loader reads it back."""
+    column = json_safe(pa.chunked_array([[["a red square", "red square"], None]]))
+    assert column.to_pylist() == ['["a red square", "red square"]', None]
+    sample = {"txt": b"a red square", "json": json.dumps({"captions": column.to_pylist()[0]}).encode()}
+    assert sample_captions(sample, "captions") == ["a red square", "red square"]
+    assert sample_captions({"txt": b"only this", "json": b"{}"}, "captions") == ["only this"]

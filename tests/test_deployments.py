@@ -185,9 +185,13 @@ def test_a_run_with_no_parameters_runs_the_main_job_on_the_embedded_defaults(ser
     assert str(by_key["clip-train-report"][0].flow_run_id) == flow_run_id
     report = by_key["clip-train-report"][0].data
     assert f"openmoji-clip@{version.version}" in report and "report.html" in report and "manifest.parquet" in report
-    assert "zero_shot.acc@1" in report
+    assert "zero_shot.acc@1" in report and "| majority class |" in report
     metrics_table = by_key["clip-train-metrics"][0]
     assert metrics_table.type == "table" and "retrieval.text_to_image.R@5" in json.dumps(metrics_table.data)
+    table = json.loads(metrics_table.data) if isinstance(metrics_table.data, str) else metrics_table.data
+    rows = {row["metric"]: row for row in table}  # zero-shot beside its majority baseline
+    assert rows["zero_shot.balanced_accuracy"]["majority"] == pytest.approx(0.1)  # 10 Unicode groups in val
+    assert 0.5 < rows["zero_shot.acc@1"]["majority"] < 0.7  # People & Body is most of val
     for key in ("ingest-progress", "train-progress"):
         assert any(a.type == "progress" and float(a.data) == 100.0 for a in by_key[key]), key
     assert {"ingest-summary", "train-metrics", "evaluation-metrics", "brand-scores"} <= set(by_key)

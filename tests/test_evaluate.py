@@ -186,9 +186,12 @@ def test_zero_shot_matches_a_hand_computed_case() -> None:
     metrics = zero_shot_metrics(images, labels, classes, ["a", "b", "c"], ks=(1, 2), chunk_size=2)
     assert metrics["acc@1"] == pytest.approx(3 / 5)
     assert metrics["acc@2"] == pytest.approx(5 / 5)
-    assert metrics["mean_per_class_recall"] == pytest.approx((1 + 1 / 2 + 1 / 2) / 3)
+    assert metrics["balanced_accuracy"] == pytest.approx((1 + 1 / 2 + 1 / 2) / 3)
     assert metrics["confusion_matrix"] == [[1, 0, 0], [1, 1, 0], [1, 0, 1]]
     assert metrics["chance"]["acc@1"] == pytest.approx(1 / 3)
+    # always answering the largest classes: b and c hold 2 of 5 each, a 1
+    assert metrics["majority"] == {"acc@1": pytest.approx(2 / 5), "acc@2": pytest.approx(4 / 5),
+                                   "balanced_accuracy": pytest.approx(1 / 3)}
     assert metrics["per_class_recall"] == {"a": 1.0, "b": 0.5, "c": 0.5}
 
 

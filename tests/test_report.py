@@ -78,11 +78,14 @@ def test_evaluation_report_is_self_contained_with_every_plot(tmp_path: Path) -> 
     assert "src=\"http" not in html and "<script" not in html  # nothing fetched when opened offline
 
 
-def test_console_summary_puts_chance_beside_every_metric() -> None:
-    text = format_evaluation(evaluation_metrics())
-    assert "chance" in text.splitlines()[3]
+def test_console_summary_puts_chance_and_the_majority_baseline_beside_every_metric() -> None:
+    metrics = evaluation_metrics()
+    text = format_evaluation(metrics)
+    assert text.splitlines()[3].split()[-2:] == ["chance", "majority"]
     acc = next(line for line in text.splitlines() if line.startswith("zero-shot acc@1"))
-    assert acc.split()[-1] == f"{1 / 6:.4f}"
+    assert acc.split()[-2:] == [f"{1 / 6:.4f}", f"{metrics['zero_shot']['majority']['acc@1']:.4f}"]
+    balanced = next(line for line in text.splitlines() if line.startswith("zero-shot balanced accuracy"))
+    assert balanced.split()[-2:] == [f"{1 / 6:.4f}", f"{1 / 6:.4f}"]
     recall = next(line for line in text.splitlines() if line.startswith("text to image R@10"))
     assert recall.split()[-1] == f"{10 / 120:.4f}"
 

@@ -10,6 +10,10 @@ So each sample is read by exactly one loader worker of one rank per epoch, and t
 (seed, epoch, world size, batch size, loader workers). Resuming at step s of an epoch skips, in each worker, the
 samples of its batches before s without decoding them, so no sample is repeated or lost.
 
+Each sample's random choices come from a generator seeded by (seed, epoch, sample key): its crop box, its style draw
+(`training.transforms.style_draw`, when augmentations are on) and, where its json holds a list of captions
+(`caption_field`), which caption it is read with this epoch. A resumed or re-run epoch repeats them exactly.
+
 Corrupt samples (an image that does not decode) are skipped and counted in each batch's `skipped`; a worker short
 of samples at the end of its slice because of them wraps around to the start of its slice (counted in `padded`).
 
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import random
 from collections.abc import Iterator
@@ -41,7 +46,7 @@ from pipeline import storage
 from pipeline.manifest import Manifest, tar_sample_offsets
 from pipeline.storage import StorageConfig
 from training.tokenizer import Tokenizer
-from training.transforms import train_crop
+from training.transforms import style_draw, train_crop
 
 
 @dataclass(frozen=True)
@@ -209,20 +214,31 @@ def _shuffled(samples: Iterator[dict], buffer_size: int, rng: random.Random) -> 
     yield from buffer
 
 
+def sample_captions(sample: dict, caption_field: str | None) -> list[str]:
+    """A sample's captions: the list in its json's `caption_field` (a list, or the JSON text of one as ingest stores
+    a list column) where it has one, else its txt alone."""
+    listed = json.loads(sample["json"]).get(caption_field) if caption_field and "json" in sample else None
+    if isinstance(listed, str):
+        listed = json.loads(listed) if listed.startswith("[") else [listed]
+    return [str(c) for c in listed] if listed else [sample["txt"].decode("utf-8")]
+
+
 class ShardBatches(torch.utils.data.IterableDataset):
     """Yields dicts {images (B, 3, S, S) uint8, crops (B, 4) int32, tokens (B, T) int64, keys [B], skipped, padded}
-    for one or more epochs; `training.transforms.device_crops(images, crops, S)` gives the model's input.
+    for one or more epochs (and style (B, 7) float32 when `augment` names any); `training.transforms.device_crops(
+    images, crops, S, style)` gives the model's input.
 
     `plans[i]` holds the loader-worker plans of epoch `epochs[i]`; each worker runs its plan of every epoch in turn.
     """
 
     def __init__(self, plans: list[list[LoaderPlan]], epochs: list[int], *, local_batch: int, image_size: int,
                  tokenizer_path: str, shuffle_buffer: int, crop_scale: tuple[float, float], seed: int,
+                 augment: tuple[str, ...] = (), caption_field: str | None = None,
                  storage_config: StorageConfig | None = None):
         super().__init__()
         self.plans, self.epochs, self.local_batch, self.image_size = plans, epochs, local_batch, image_size
         self.tokenizer_path, self.shuffle_buffer, self.crop_scale = tokenizer_path, shuffle_buffer, crop_scale
-        self.seed, self.storage_config = seed, storage_config
+        self.seed, self.augment, self.caption_field, self.storage_config = seed, augment, caption_field, storage_config
 
     def _raw(self, plan: LoaderPlan, errors: list[Exception]) -> Iterator[dict]:
         def stream() -> Iterator[dict]:
@@ -244,7 +260,7 @@ class ShardBatches(torch.utils.data.IterableDataset):
         for _ in range(plan.skip_batches * self.local_batch):  # already trained on before the resume
             next(samples, None)
         produced, skipped, padded, wrapped = plan.skip_batches, 0, 0, False
-        images, boxes, captions, keys = [], [], [], []
+        images, boxes, styles, captions, keys = [], [], [], [], []
         while produced < plan.batches:
             sample = next(samples, None)
             if sample is None:  # slice exhausted early because of corrupt samples: wrap around
@@ -255,28 +271,33 @@ class ShardBatches(torch.utils.data.IterableDataset):
             try:
                 rng = random.Random(_seed(self.seed, epoch, sample["__key__"]))
                 image, box = train_crop(sample["jpg"], self.image_size, rng, self.crop_scale)  # cut on the device
-                caption = sample["txt"].decode("utf-8")
+                style = style_draw(rng, self.augment) if self.augment else None
+                caption = rng.choice(sample_captions(sample, self.caption_field))
             except Exception:  # noqa: BLE001 - a corrupt sample is skipped and counted, never fatal
                 skipped += 1
                 continue
             images.append(image)
             boxes.append(box)
+            styles.append(style)
             captions.append(caption)
             keys.append(sample["__key__"])
             padded += wrapped
             if len(images) == self.local_batch:
                 images = torch.stack([i.permute(1, 2, 0) for i in images]).permute(0, 3, 1, 2)  # channels-last: a memcpy
-                yield {"images": images, "crops": torch.tensor(boxes, dtype=torch.int32),
-                       "tokens": tokenizer.encode_batch(captions), "keys": keys, "skipped": skipped + len(errors),
-                       "padded": padded}
+                batch = {"images": images, "crops": torch.tensor(boxes, dtype=torch.int32),
+                         "tokens": tokenizer.encode_batch(captions), "keys": keys, "skipped": skipped + len(errors),
+                         "padded": padded}
+                if self.augment:
+                    batch["style"] = torch.tensor(styles, dtype=torch.float32)
+                yield batch
                 produced += 1
-                images, boxes, captions, keys, skipped, padded = [], [], [], [], 0, 0
+                images, boxes, styles, captions, keys, skipped, padded = [], [], [], [], [], 0, 0
                 errors.clear()
-
 
 def make_loader(manifest: Manifest, *, tokenizer_path: str | Path, seed: int, epoch: int, rank: int,
                 world_size: int, local_batch: int, image_size: int, loader_workers: int = 2, start_step: int = 0,
                 shuffle_buffer: int = 1000, crop_scale: tuple[float, float] = (0.8, 1.0),
+                augment: tuple[str, ...] = (), caption_field: str | None = None,
                 storage_config: StorageConfig | None = None, num_epochs: int = 1,
                 pin_memory: bool = False) -> torch.utils.data.DataLoader:
     """A DataLoader over epochs [epoch, epoch + num_epochs) of `manifest`'s shards for `rank`, starting after
@@ -289,20 +310,23 @@ def make_loader(manifest: Manifest, *, tokenizer_path: str | Path, seed: int, ep
              for e in epochs]
     dataset = ShardBatches(plans, epochs, local_batch=local_batch, image_size=image_size,
                            tokenizer_path=str(tokenizer_path), shuffle_buffer=shuffle_buffer, crop_scale=crop_scale,
-                           seed=seed, storage_config=storage_config)
+                           seed=seed, augment=augment, caption_field=caption_field, storage_config=storage_config)
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=loader_workers, pin_memory=pin_memory,
                                        prefetch_factor=4 if loader_workers else None)
 
 
-def read_captions(manifest: Manifest, limit: int = 200_000, config: StorageConfig | None = None) -> Iterator[str]:
-    """Up to `limit` captions of a dataset, in shard order (for training a tokenizer)."""
+def read_captions(manifest: Manifest, limit: int = 200_000, config: StorageConfig | None = None,
+                  caption_field: str | None = "captions") -> Iterator[str]:
+    """Up to `limit` captions of a dataset in shard order, each of a `caption_field` list (to train a tokenizer)."""
     count = 0
     for url in manifest.shard_urls():
         fs, path = _filesystem(url, config)
         with fs.open(path, "rb") as stream:
             for sample in tar_samples(stream, url, wds.warn_and_continue):
-                if "txt" in sample:
-                    yield sample["txt"].decode("utf-8")
+                if "txt" not in sample:
+                    continue
+                for caption in sample_captions(sample, caption_field):
+                    yield caption
                     count += 1
                     if count >= limit:
                         return

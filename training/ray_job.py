@@ -145,7 +145,7 @@ def prepare_tokenizer(config: TrainConfig, manifest: Manifest) -> str:
             tokenizer = clip_tokenizer(MODEL_PRESETS[config.preset].context_length)
         else:
             context_length = MODEL_PRESETS[config.preset].context_length
-            tokenizer = train_tokenizer(read_captions(manifest, config=config.storage),
+            tokenizer = train_tokenizer(read_captions(manifest, config=config.storage, caption_field=config.caption_field),
                                         vocab_size=default_tokenizer_vocab(config), context_length=context_length)
         tokenizer.save(scratch)
         upload_checkpoint(Path(scratch), location, config.storage)

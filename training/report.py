@@ -108,14 +108,17 @@ def recall_plot(retrieval: dict[str, Any]) -> str:
 
 
 def zero_shot_bars(zero_shot: dict[str, Any]) -> str:
-    names = [n for n in ("acc@1", "acc@5", "mean_per_class_recall") if n in zero_shot]
+    """Model, chance and majority baseline side by side for acc@1, acc@5 and balanced accuracy."""
+    names = [n for n in ("acc@1", "acc@5", "balanced_accuracy") if n in zero_shot]
     figure, axes = plt.subplots(figsize=(4.5, 3.4))
     x = np.arange(len(names))
-    bars = axes.bar(x - 0.18, [zero_shot[n] for n in names], 0.36, color="#2ca02c", label="model")
-    axes.bar(x + 0.18, [zero_shot["chance"][n] for n in names], 0.36, color="white", edgecolor="#2ca02c", hatch="//",
+    bars = axes.bar(x - 0.27, [zero_shot[n] for n in names], 0.27, color="#2ca02c", label="model")
+    axes.bar(x, [zero_shot["chance"][n] for n in names], 0.27, color="white", edgecolor="#2ca02c", hatch="//",
              label="chance")
+    axes.bar(x + 0.27, [zero_shot.get("majority", {}).get(n, 0) for n in names], 0.27, color="white",
+             edgecolor="#d62728", hatch="..", label="majority class")
     axes.bar_label(bars, fmt="%.2f", fontsize=8)
-    axes.set_xticks(x, [n.replace("mean_per_class_recall", "mean class recall") for n in names], fontsize=8)
+    axes.set_xticks(x, [n.replace("_", " ") for n in names], fontsize=8)
     axes.set_ylim(0, 1.08)
     axes.set_title(f"zero-shot classification ({zero_shot['num_classes']} classes)", fontsize=10)
     axes.legend(fontsize=8)
@@ -184,18 +187,19 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return f"<table>{f'<tr>{head}</tr>' if head else ''}{body}</table>"
 
 
-def metric_rows(metrics: dict[str, Any]) -> list[tuple[str, float, float]]:
-    """(name, value, chance) for every headline metric of an evaluation."""
+def metric_rows(metrics: dict[str, Any]) -> list[tuple[str, float, float, float | None]]:
+    """(name, value, chance, majority baseline or None) for every headline metric of an evaluation."""
     rows = []
     zero_shot = metrics.get("zero_shot")
     if zero_shot:
-        for name in ("acc@1", "acc@5", "mean_per_class_recall"):
-            rows.append((f"zero-shot {name}", zero_shot[name], zero_shot["chance"][name]))
+        for name in ("acc@1", "acc@5", "balanced_accuracy"):
+            rows.append((f"zero-shot {name.replace('_', ' ')}", zero_shot[name], zero_shot["chance"][name],
+                         zero_shot.get("majority", {}).get(name)))
     retrieval = metrics.get("retrieval")
     if retrieval:
         for direction in ("image_to_text", "text_to_image"):
             for k, value in retrieval[direction].items():
-                rows.append((f"{direction.replace('_', ' ')} {k}", value, retrieval["chance"][direction][k]))
+                rows.append((f"{direction.replace('_', ' ')} {k}", value, retrieval["chance"][direction][k], None))
     return rows
 
 
@@ -207,8 +211,9 @@ def format_evaluation(metrics: dict[str, Any]) -> str:
     if zero_shot:
         lines.append(f"zero-shot on {zero_shot['label_field']!r}: {zero_shot['num_classes']} classes, "
                      f"{len(zero_shot['templates'])} templates")
-    lines.append(f"{'metric':<32}{'value':>8}{'chance':>10}")
-    lines += [f"{name:<32}{value:>8.4f}{chance:>10.4f}" for name, value, chance in metric_rows(metrics)]
+    lines.append(f"{'metric':<32}{'value':>8}{'chance':>10}{'majority':>10}")
+    lines += [f"{name:<32}{value:>8.4f}{chance:>10.4f}" + (f"{majority:>10.4f}" if majority is not None else "")
+              for name, value, chance, majority in metric_rows(metrics)]
     return "\n".join(lines)
 
 
@@ -223,8 +228,10 @@ def evaluation_report(metrics: dict[str, Any]) -> str:
     zero_shot = metrics.get("zero_shot")
     if zero_shot:
         plots.append(_img(zero_shot_bars(zero_shot), "zero-shot accuracy"))
-    sections = [("Metrics (chance beside each)", run + '<div class="row">'
-                 + _table(["metric", "value", "chance"], metric_rows(metrics)) + "".join(plots) + "</div>")]
+    rows = [(name, value, chance, "" if majority is None else majority)
+            for name, value, chance, majority in metric_rows(metrics)]
+    sections = [("Metrics (chance and, for classes, the majority baseline beside each)", run + '<div class="row">'
+                 + _table(["metric", "value", "chance", "majority class"], rows) + "".join(plots) + "</div>")]
     if zero_shot:
         templates = '<p class="muted">templates: ' + html.escape(" | ".join(zero_shot["templates"])) + "</p>"
         recalls = _table(["class", "recall"], sorted(zero_shot["per_class_recall"].items()))

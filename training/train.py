@@ -38,7 +38,7 @@ from training.parallel import (apply_activation_checkpointing, clip_grad_norm, c
                                load_sharded, make_optimizer, resolve_compile, save_sharded, shard_model)
 from training.progress import Progress
 from training.tokenizer import Tokenizer
-from training.transforms import device_crops
+from training.transforms import check_augmentations, device_crops
 
 Report = Callable[[dict[str, Any], Path | None], None]
 
@@ -132,6 +132,16 @@ class TrainConfig(Config):
     crop_scale_min: float = Field(0.8, gt=0, le=1)
     """Random resized crop keeps between this share of the image area and all of it."""
 
+    augment: list[str] = []
+    """Style augmentations, each drawn per sample with its own chance: colour, grey, outline, blur, resolution,
+    rotate (see `training.transforms.STYLE_AUGMENTATIONS`); they change how a picture is drawn, not what it shows.
+    Training only: evaluation and embedding never apply them."""
+
+    caption_field: str | None = "captions"
+    """Field of each sample's json holding a list of captions (ingest keeps a list column as such): each epoch reads
+    every sample with one of them, drawn from the epoch's seed. Samples without the field use their caption.
+    Empty ("" or null): always the caption."""
+
     tokenizer_vocab_size: int | None = Field(None, ge=260)
     """Vocabulary of the BPE tokenizer trained on the captions. Empty: the preset's vocab_size."""
 
@@ -178,6 +188,11 @@ class TrainConfig(Config):
 
     storage: StorageConfig = StorageConfig()
     """How to reach object storage for s3:// locations."""
+
+    @field_validator("augment")
+    @classmethod
+    def _known_augmentations(cls, names: list[str]) -> list[str]:
+        return list(check_augmentations(names))
 
     @field_validator("data", "init_from")
     @classmethod
@@ -367,6 +382,7 @@ def train_loop(config: TrainConfig, tokenizer_path: str | Path, report: Report, 
                          world_size=world_size, local_batch=local_batch, image_size=image_size,
                          loader_workers=loader_workers, start_step=start_step,
                          shuffle_buffer=config.shuffle_buffer, crop_scale=(config.crop_scale_min, 1.0),
+                         augment=tuple(config.augment), caption_field=config.caption_field,
                          storage_config=config.storage, num_epochs=math.ceil(last_step / epoch_steps) - first_epoch,
                          pin_memory=device.type == "cuda")
     batches = iter(loader)
@@ -381,7 +397,7 @@ def train_loop(config: TrainConfig, tokenizer_path: str | Path, report: Report, 
         clip.visual.patch_dropout = config.patch_dropout if step < last_step - config.patch_dropout_final_steps else 0.0
         optimizer.zero_grad(set_to_none=True)
         images = device_crops(batch["images"].to(device, non_blocking=True),  # uint8 over the bus, cut on the device
-                              batch["crops"].to(device, non_blocking=True), image_size)
+                              batch["crops"].to(device, non_blocking=True), image_size, batch.get("style"))
         loss = contrastive_step(trained, images, batch["tokens"].to(device, non_blocking=True), config, device,
                                 precision)
         if config.grad_clip is not None:

@@ -119,17 +119,92 @@ def train_crop(data: bytes, size: int, rng: random.Random,
     return to_uint8(random_resized_crop(Image.fromarray(array), size, rng, scale)), (0, 0, size, size)
 
 
-def device_crops(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+# ---------------------------------------------------------------------------------------------------------------------
+# Style augmentations: change how a picture is drawn, keep what it shows (training only; evaluation never sees them)
+
+STYLE_AUGMENTATIONS = ("colour", "grey", "outline", "blur", "resolution", "rotate")
+"""colour: hue rotation and saturation; grey: greyscale; outline: dark lines one pixel thicker or thinner (a 3x3 min
+or max filter); blur: a 3x3 blur; resolution: drawn at 3/8 to 5/8 of the size and scaled back up; rotate: up to 15
+degrees either way. No flips: captions say "left" and "right"."""
+_RESOLUTIONS = (0.375, 0.5, 0.625)
+# (B, 7) per-sample draws: angle (radians), hue (radians), saturation, grey, outline (-1 thinner, +1 thicker), blur,
+# resolution (share of the size); all neutral (0, 0, 1, 0, 0, 0, 1) when an augmentation is off or not drawn.
+NEUTRAL_STYLE = (0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+
+def check_augmentations(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    unknown = sorted(set(names) - set(STYLE_AUGMENTATIONS))
+    if unknown:
+        raise ValueError(f"unknown augmentation(s) {', '.join(unknown)}; choose from {', '.join(STYLE_AUGMENTATIONS)}")
+    return tuple(names)
+
+
+def style_draw(rng: random.Random, augment: tuple[str, ...]) -> tuple[float, ...]:
+    """One sample's style draw (see NEUTRAL_STYLE): each augmentation named in `augment` is applied with its own chance.
+
+    Each augmentation draws from `rng` whether or not it is on: turning one off leaves the others' draws as they were.
+    """
+    u = [rng.random() for _ in range(7)]
+    angle = (u[0] * 2 - 1) * math.radians(15) if "rotate" in augment else 0.0
+    hue, saturation = ((u[1] * 2 - 1) * math.pi, 0.5 + u[2]) if "colour" in augment and u[2] < 0.8 else (0.0, 1.0)
+    grey = float("grey" in augment and u[3] < 0.2)
+    outline = (-1.0 if u[4] < 0.25 else 1.0 if u[4] > 0.75 else 0.0) if "outline" in augment else 0.0
+    blur = float("blur" in augment and u[5] < 0.2)
+    resolution = _RESOLUTIONS[int(u[6] * 9) % 3] if "resolution" in augment and u[6] < 1 / 3 else 1.0
+    return angle, hue, saturation, grey, outline, blur, resolution
+
+
+def _hue_matrices(hue: torch.Tensor, saturation: torch.Tensor) -> torch.Tensor:
+    """(B, 3, 3): rotate colours by `hue` about the grey axis, then scale their distance from grey by `saturation`."""
+    eye, grey = torch.eye(3, device=hue.device), torch.full((3, 3), 1 / 3, device=hue.device)
+    cross = torch.tensor([[0.0, -1.0, 1.0], [1.0, 0.0, -1.0], [-1.0, 1.0, 0.0]], device=hue.device) / math.sqrt(3)
+    cos, sin = hue.cos()[:, None, None], hue.sin()[:, None, None]
+    rotation = cos * eye + (1 - cos) * grey + sin * cross
+    return grey + saturation[:, None, None] * (rotation - grey)
+
+
+def style_augment(images: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+    """Apply the (B, 7) draws of `style_draw` (all but the angle, which `device_crops` applies) to float (B, 3, S, S)
+    images in [0, 255]; samples with neutral draws come back unchanged."""
+    hue, saturation, grey, outline, blur, resolution = style.unbind(1)[1:]
+    chosen = lambda mask, changed, x: torch.where(mask[:, None, None, None], changed, x)  # noqa: E731
+    coloured = (hue != 0) | (saturation != 1)
+    if coloured.any():
+        images = chosen(coloured, torch.einsum("bij,bjhw->bihw", _hue_matrices(hue, saturation), images), images)
+    if grey.any():
+        luma = (images * torch.tensor([0.299, 0.587, 0.114], device=images.device)[None, :, None, None]).sum(1, True)
+        images = chosen(grey > 0, luma.expand_as(images), images)
+    if outline.any():  # dark lines on a light ground: a min filter thickens them, a max filter thins them
+        thinner = chosen(outline < 0, F.max_pool2d(images, 3, 1, 1), images)
+        images = chosen(outline > 0, -F.max_pool2d(-images, 3, 1, 1), thinner)
+    if blur.any():
+        images = chosen(blur > 0, F.avg_pool2d(images, 3, 1, 1, count_include_pad=False), images)
+    size = images.shape[-1]
+    for share in _RESOLUTIONS:
+        mask = resolution == share
+        if mask.any():
+            small = F.interpolate(images, size=max(1, round(size * share)), mode="bilinear", antialias=True)
+            images = chosen(mask, F.interpolate(small, size=size, mode="bilinear"), images)
+    return images.clamp(0, 255)
+
+
+def device_crops(images: torch.Tensor, boxes: torch.Tensor, size: int,
+                 style: torch.Tensor | None = None) -> torch.Tensor:
     """Cut each (left, top, width, height) box out of uint8 (B, 3, H, W) images, resize it to `size` (bilinear) and
-    normalise: (B, 3, size, size) float32, in one batched op on the images' device."""
+    normalise: (B, 3, size, size) float32, in one batched op on the images' device. With `style` (B, 7 draws of
+    `style_draw`), each crop is also turned by its angle and restyled by `style_augment`."""
     B, _, H, W = images.shape
     boxes = boxes.to(torch.float32)
     left, top, width, height = boxes.unbind(1)  # (B,) each, in pixels
+    angle = style[:, 0].to(images.device) if style is not None else torch.zeros(B, device=images.device)
+    cos, sin = angle.cos(), angle.sin()
     theta = torch.zeros(B, 2, 3, device=images.device)  # output [-1, 1] -> source [-1, 1] (align_corners=False)
-    theta[:, 0, 0], theta[:, 0, 2] = width / W, (2 * left + width) / W - 1
-    theta[:, 1, 1], theta[:, 1, 2] = height / H, (2 * top + height) / H - 1
+    theta[:, 0, 0], theta[:, 0, 1], theta[:, 0, 2] = cos * width / W, -sin * height / W, (2 * left + width) / W - 1
+    theta[:, 1, 0], theta[:, 1, 1], theta[:, 1, 2] = sin * width / H, cos * height / H, (2 * top + height) / H - 1
     grid = F.affine_grid(theta, [B, 3, size, size], align_corners=False)
     crops = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if style is not None:
+        crops = style_augment(crops, style.to(images.device))
     return normalize(crops.clamp_(0, 255))
 
 

@@ -1,0 +1,155 @@
+"""Cross-style check: train on one bundled emoji catalog, evaluate on a vendor whose drawings the model never saw.
+
+    python bench/cross_style.py --train openmoji --steps 1200 --augment colour grey outline blur resolution rotate
+
+Trains the `small` preset (in this process, by `train_loop`, as `clipforge train` runs in each worker) on the training
+split of OpenMoji (or of both catalogs: `--train both`), then evaluates zero-shot classification over the Unicode
+groups and text-to-image retrieval on:
+- `openmoji-val`: OpenMoji's validation split (emoji kept out of training, in the style trained on);
+- `fluent`: the whole Fluent Emoji Flat catalog (every emoji, a style never seen) when training on OpenMoji alone;
+- `fluent-val`: Fluent's validation split (emoji kept out of training) when training on both.
+It prints one JSON line (`--results FILE` appends it there too): training seconds, then per evaluation set text-to-image
+R@1/5/10 with chance, zero-shot group acc@1 and balanced accuracy with their majority baselines. The shards are real:
+each catalog is served over loopback HTTP and ingested by `clipforge ingest`, once, under `--workdir`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from pipeline.catalog import (build_fluent_catalog, build_openmoji_catalog, read_catalog, serve_directory,  # noqa: E402
+                              write_url_list)
+from pipeline.ingest import IngestConfig, ingest  # noqa: E402
+from pipeline.manifest import MANIFEST_NAME, read_manifest  # noqa: E402
+from training.data import read_captions  # noqa: E402
+from training.evaluate import EvaluateConfig, evaluate  # noqa: E402
+from training.tokenizer import train_tokenizer  # noqa: E402
+from training.train import TrainConfig, train_loop  # noqa: E402
+from training.transforms import STYLE_AUGMENTATIONS  # noqa: E402
+
+BUILDERS = {"openmoji": build_openmoji_catalog, "fluent": build_fluent_catalog}
+
+
+def catalogs(workdir: Path) -> dict[str, Path]:
+    return {name: build(workdir / "catalog" / name) for name, build in BUILDERS.items()}
+
+
+def training_shards(workdir: Path, sources: list[str], built: dict[str, Path]) -> str:
+    """The training splits of `sources` as one ingested dataset (built on first use): one URL list, each catalog
+    served over loopback HTTP while it is downloaded."""
+    output = workdir / "data" / "+".join(sources)
+    if (output / MANIFEST_NAME).exists():
+        return str(output)
+    with contextlib.ExitStack() as servers:
+        tables = []
+        for source in sources:
+            base_url = servers.enter_context(serve_directory(built[source]))
+            url_list = write_url_list(built[source], base_url, "train", workdir / "lists" / f"train-{source}.parquet")
+            table = pq.read_table(url_list)
+            tables.append(table.append_column("vendor", pa.array([source] * table.num_rows)))
+        url_list = workdir / "lists" / ("train-" + "+".join(sources) + ".parquet")
+        pq.write_table(pa.concat_tables(tables), url_list)
+        ingest(IngestConfig(urls=str(url_list), output=str(output), min_success_rate=0.95), progress=False)
+    return str(output)
+
+
+def evaluation_list(workdir: Path, name: str, catalog: Path, split: str | None) -> str:
+    """An image list (absolute paths) of the catalog's `split` (None: every image) for `clipforge evaluate`."""
+    table = read_catalog(catalog)
+    if split is not None:
+        table = table.filter(pc.equal(table.column("split"), split))
+    images = [str(catalog / image) for image in table.column("image").to_pylist()]
+    table = table.set_column(table.column_names.index("image"), "image", pa.array(images))
+    path = workdir / "lists" / f"eval-{name}.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table.drop_columns(["captions"]), path)
+    return str(path)
+
+
+def summary(metrics: dict) -> dict:
+    zero_shot, retrieval = metrics["zero_shot"], metrics["retrieval"]
+    return {"images": metrics["num_images"],
+            "text_to_image": {k: round(v, 4) for k, v in retrieval["text_to_image"].items()},
+            "text_to_image_chance": {k: round(v, 4) for k, v in retrieval["chance"]["text_to_image"].items()},
+            "group_acc@1": round(zero_shot["acc@1"], 4),
+            "group_balanced_accuracy": round(zero_shot["balanced_accuracy"], 4),
+            "majority_acc@1": round(zero_shot["majority"]["acc@1"], 4),
+            "majority_balanced_accuracy": round(zero_shot["majority"]["balanced_accuracy"], 4)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default=".clipforge/cross-style")
+    parser.add_argument("--train", choices=["openmoji", "both"], default="openmoji")
+    parser.add_argument("--steps", type=int, default=174, help="optimiser steps (the demo: 6 epochs = 174)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--weight-decay", type=float, default=0.2)
+    parser.add_argument("--patch-dropout", type=float, default=0.5)
+    parser.add_argument("--crop-scale-min", type=float, default=0.8)
+    parser.add_argument("--augment", nargs="*", default=[], choices=STYLE_AUGMENTATIONS)
+    parser.add_argument("--captions", choices=["one", "list"], default="one",
+                        help="one: every sample with its name; list: one of its caption list, drawn per epoch")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--label", default="", help="a name for this run in the output")
+    parser.add_argument("--results", default=None, help="append the JSON line to this file too")
+    args = parser.parse_args()
+
+    workdir = Path(args.workdir).resolve()
+    built = catalogs(workdir)
+    sources = ["openmoji", "fluent"] if args.train == "both" else ["openmoji"]
+    data = training_shards(workdir, sources, built)
+    evaluations = {"openmoji-val": evaluation_list(workdir, "openmoji-val", built["openmoji"], "val")}
+    if args.train == "both":
+        evaluations["fluent-val"] = evaluation_list(workdir, "fluent-val", built["fluent"], "val")
+    else:
+        evaluations["fluent"] = evaluation_list(workdir, "fluent", built["fluent"], None)
+    caption_field = "captions" if args.captions == "list" else None
+
+    with tempfile.TemporaryDirectory(prefix="bench-cross-style-") as scratch:
+        out = Path(scratch)
+        train_tokenizer(read_captions(read_manifest(data), caption_field=caption_field), vocab_size=8192,
+                        context_length=20).save(out / "tokenizer")
+        config = TrainConfig(data=data, output=str(out / "run"), preset="small", steps=args.steps,
+                             batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, warmup_steps=20,
+                             checkpoint_every=1_000_000, patch_dropout=args.patch_dropout,
+                             crop_scale_min=args.crop_scale_min, augment=args.augment, caption_field=caption_field,
+                             seed=args.seed)
+
+        def report(metrics: dict, directory: Path | None) -> None:
+            if directory is not None:
+                shutil.copytree(directory, out / "model", dirs_exist_ok=True)
+
+        started = time.perf_counter()
+        train_loop(config, out / "tokenizer", report)
+        seconds = time.perf_counter() - started
+        results = {}
+        for name, location in evaluations.items():
+            metrics = evaluate(EvaluateConfig(model=str(out / "model"), data=location, output=str(out / "eval" / name),
+                                              label_field="group", templates="emoji", report=False), progress=False)
+            results[name] = summary(metrics)
+    line = json.dumps({"label": args.label, "recipe": {k: v for k, v in vars(args).items()
+                                                       if k not in ("workdir", "results", "label")},
+                       "threads": torch.get_num_threads(), "train_seconds": round(seconds), **results})
+    print(line)
+    if args.results:
+        with open(args.results, "a", encoding="utf-8") as file:
+            file.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
