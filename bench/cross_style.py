@@ -19,10 +19,7 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -31,14 +28,12 @@ import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from bench.recipe import train_and_evaluate  # noqa: E402
 from pipeline.catalog import (build_fluent_catalog, build_openmoji_catalog, read_catalog, serve_directory,  # noqa: E402
                               write_url_list)
 from pipeline.ingest import IngestConfig, ingest  # noqa: E402
-from pipeline.manifest import MANIFEST_NAME, read_manifest  # noqa: E402
-from training.data import read_captions  # noqa: E402
-from training.evaluate import EvaluateConfig, evaluate  # noqa: E402
-from training.tokenizer import train_tokenizer  # noqa: E402
-from training.train import TrainConfig, train_loop  # noqa: E402
+from pipeline.manifest import MANIFEST_NAME  # noqa: E402
+from training.train import TrainConfig  # noqa: E402
 from training.transforms import STYLE_AUGMENTATIONS  # noqa: E402
 
 BUILDERS = {"openmoji": build_openmoji_catalog, "fluent": build_fluent_catalog}
@@ -118,30 +113,12 @@ def main() -> None:
         evaluations["fluent-val"] = evaluation_list(workdir, "fluent-val", built["fluent"], "val")
     else:
         evaluations["fluent"] = evaluation_list(workdir, "fluent", built["fluent"], None)
-    caption_field = "captions" if args.captions == "list" else None
-
-    with tempfile.TemporaryDirectory(prefix="bench-cross-style-") as scratch:
-        out = Path(scratch)
-        train_tokenizer(read_captions(read_manifest(data), caption_field=caption_field), vocab_size=8192,
-                        context_length=20).save(out / "tokenizer")
-        config = TrainConfig(data=data, output=str(out / "run"), preset="small", steps=args.steps,
-                             batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, warmup_steps=20,
-                             checkpoint_every=1_000_000, patch_dropout=args.patch_dropout,
-                             crop_scale_min=args.crop_scale_min, augment=args.augment, caption_field=caption_field,
-                             seed=args.seed)
-
-        def report(metrics: dict, directory: Path | None) -> None:
-            if directory is not None:
-                shutil.copytree(directory, out / "model", dirs_exist_ok=True)
-
-        started = time.perf_counter()
-        train_loop(config, out / "tokenizer", report)
-        seconds = time.perf_counter() - started
-        results = {}
-        for name, location in evaluations.items():
-            metrics = evaluate(EvaluateConfig(model=str(out / "model"), data=location, output=str(out / "eval" / name),
-                                              label_field="group", templates="emoji", report=False), progress=False)
-            results[name] = summary(metrics)
+    config = TrainConfig(data=data, preset="small", steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                         weight_decay=args.weight_decay, warmup_steps=20, patch_dropout=args.patch_dropout,
+                         crop_scale_min=args.crop_scale_min, augment=args.augment,
+                         caption_field="captions" if args.captions == "list" else None, seed=args.seed)
+    seconds, metrics = train_and_evaluate(config, evaluations)
+    results = {name: summary(m) for name, m in metrics.items()}
     line = json.dumps({"label": args.label, "recipe": {k: v for k, v in vars(args).items()
                                                        if k not in ("workdir", "results", "label")},
                        "threads": torch.get_num_threads(), "train_seconds": round(seconds), **results})

@@ -11,21 +11,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from pipeline.manifest import read_manifest  # noqa: E402
+from bench.recipe import train_and_evaluate  # noqa: E402
 from training import model as models  # noqa: E402
-from training.data import read_captions  # noqa: E402
-from training.evaluate import EvaluateConfig, evaluate  # noqa: E402
-from training.tokenizer import train_tokenizer  # noqa: E402
-from training.train import TrainConfig, train_loop  # noqa: E402
+from training.train import TrainConfig  # noqa: E402
 
 
 def main() -> None:
@@ -43,24 +37,10 @@ def main() -> None:
     models.MODEL_PRESETS["recipe"] = models.MODEL_PRESETS["small"].derive(
         context_length=args.context, vision_layers=args.layers, text_layers=args.layers)
 
-    with tempfile.TemporaryDirectory(prefix="bench-recipe-") as scratch:
-        out = Path(scratch)
-        train_tokenizer(read_captions(read_manifest(args.data)), vocab_size=8192,
-                        context_length=args.context).save(out / "tokenizer")
-        config = TrainConfig(data=args.data, preset="recipe", epochs=args.epochs, batch_size=args.batch_size,
-                             lr=args.lr, warmup_steps=20, precision=args.precision, checkpoint_every=1_000_000,
-                             patch_dropout=args.patch_dropout)
-
-        def report(metrics: dict, directory: Path | None) -> None:
-            if directory is not None:
-                shutil.copytree(directory, out / "model", dirs_exist_ok=True)
-
-        started = time.perf_counter()
-        train_loop(config, out / "tokenizer", report)
-        seconds = time.perf_counter() - started
-        metrics = evaluate(EvaluateConfig(model=str(out / "model"), data=val, output=str(out / "eval"),
-                                          label_field="group", templates="emoji", precision=args.precision,
-                                          report=False), progress=False)
+    config = TrainConfig(data=args.data, preset="recipe", epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         warmup_steps=20, precision=args.precision, patch_dropout=args.patch_dropout)
+    seconds, results = train_and_evaluate(config, {"val": val}, args.precision)
+    metrics = results["val"]
     print(json.dumps({"recipe": vars(args), "threads": torch.get_num_threads(), "train_seconds": round(seconds),
                       "text_to_image": metrics["retrieval"]["text_to_image"],
                       "zero_shot_acc@1": metrics["zero_shot"]["acc@1"]}))

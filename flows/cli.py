@@ -58,14 +58,17 @@ def cli() -> None:
 @click.option("--epochs", type=click.IntRange(min=1), help="Training epochs (default: the flow's demo setting).")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]),
               help="Autocast of training and evaluation (default auto: bf16 only where the hardware runs it natively).")
-def demo(workdir: str, epochs: int | None, precision: str | None) -> None:
+@click.option("--catalog", type=click.Choice(["openmoji", "fluent", "both"]),
+              help="Bundled catalog(s) to train on (default: the flow's, openmoji); both: OpenMoji and Fluent Emoji "
+                   "Flat as one dataset, with shards, run and model name of its own.")
+def demo(workdir: str, epochs: int | None, precision: str | None, catalog: str | None) -> None:
     """The main job on embedded defaults: the clip-train flow with no parameters but its locations (the bundled
     OpenMoji catalog served over loopback HTTP, ingest, train the small preset on a local Ray, evaluate, brand
     scoring, register), with a local Prefect server that the demo starts and stops. Re-running it reuses finished
     work; it ends with the time each phase took."""
     from flows.demo import run_demo
 
-    result = run_demo(workdir, epochs, precision)
+    result = run_demo(workdir, epochs, precision, catalog)
     click.echo(f"model:        {result.version} at {result.model}")
     click.echo(f"report:       {result.report}")
     click.echo(f"brand report: {result.brand_report}")

@@ -27,7 +27,7 @@ from flows.brand_flow import brand_score_flow
 from flows.evaluate_flow import evaluate_flow, headline_metrics, metric_rows
 from flows.ingest_flow import ingest_flow
 from flows.params import (DEMO_SETTINGS, BrandSettings, ClipTrainRegistry, EvaluationSettings, IngestParams,
-                          TrainSettings, retry_options, settings_dump, with_defaults)
+                          TrainSettings, demo_settings, retry_options, settings_dump, with_defaults)
 from flows.train_flow import train_flow
 from pipeline import storage
 from pipeline.errors import UserError
@@ -77,16 +77,18 @@ def _config_json(config: Any) -> dict[str, Any]:
 
 
 CATALOG_PORT = 18_765
-"""Loopback port the bundled catalog is served on: fixed, so its URL lists (and so the ingest fingerprints) are the
-same on every re-run and finished shards are reused."""
+"""Loopback port the first bundled catalog is served on (the next on the next port): fixed, so their URL lists (and
+so the ingest fingerprints) are the same on every re-run and finished shards are reused."""
+BUNDLED_CATALOGS = {"openmoji": ("openmoji",), "fluent": ("fluent",), "both": ("openmoji", "fluent")}
 
 
 @task(name="render-bundled-catalog", **retry_options(retries=0))
-def catalog_task(catalog_dir: str, image_size: int) -> str:
-    """Render the bundled OpenMoji catalog (a no-op when it is already complete)."""
-    from pipeline.catalog import build_openmoji_catalog
+def catalog_task(catalog_dir: str, source: str, image_size: int) -> str:
+    """Render one bundled catalog, OpenMoji or Fluent Emoji Flat (a no-op when it is already complete)."""
+    from pipeline.catalog import build_fluent_catalog, build_openmoji_catalog
 
-    return str(build_openmoji_catalog(catalog_dir, image_size=image_size))
+    build = build_openmoji_catalog if source == "openmoji" else build_fluent_catalog
+    return str(build(catalog_dir, image_size=image_size))
 
 
 class PhaseTimes(dict):
@@ -106,16 +108,28 @@ class PhaseTimes(dict):
 
 @contextlib.contextmanager
 def bundled_catalog(ingest: Any, phases: PhaseTimes) -> Iterator[Any]:
-    """While the block runs, the bundled catalog is served over loopback HTTP; yields `ingest` with its URL lists."""
+    """While the block runs, the bundled catalog(s) are served over loopback HTTP; yields `ingest` with URL lists that
+    hold every chosen catalog's split (`<catalog_dir>/lists/<catalog>/{train,val}.parquet`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from pipeline.catalog import serve_directory, write_url_list
 
+    sources = BUNDLED_CATALOGS[ingest.catalog]
+    root = Path(ingest.catalog_dir)
     with phases("catalog"):
-        catalog = catalog_task(ingest.catalog_dir, ingest.image_size)
-    lists = Path(f"{ingest.catalog_dir.rstrip('/')}-lists")
-    with serve_directory(catalog, port=CATALOG_PORT) as base_url:
-        urls = {f"{split}_urls": str(write_url_list(catalog, base_url, split, lists / f"{split}.parquet"))
-                for split in ("train", "val")}
-        get_run_logger().info("bundled OpenMoji catalog served at %s for the run", base_url)
+        catalogs = [catalog_task(str(root / source), source, ingest.image_size) for source in sources]
+    lists = root / "lists" / ingest.catalog
+    with contextlib.ExitStack() as servers:
+        base_urls = [servers.enter_context(serve_directory(catalog, port=CATALOG_PORT + i))
+                     for i, catalog in enumerate(catalogs)]
+        urls = {}
+        for split in ("train", "val"):
+            parts = [pq.read_table(write_url_list(catalog, base_url, split, lists / f"{split}-{source}.parquet"))
+                     for source, catalog, base_url in zip(sources, catalogs, base_urls)]
+            pq.write_table(pa.concat_tables(parts), lists / f"{split}.parquet")
+            urls[f"{split}_urls"] = str(lists / f"{split}.parquet")
+        get_run_logger().info("bundled catalog(s) %s served at %s for the run", ", ".join(sources), ", ".join(base_urls))
         yield ingest.model_copy(update=urls)
 
 
@@ -129,18 +143,19 @@ def clip_train(
 ) -> ModelVersion:
     """Ingest the train and val URL lists, train on Ray, evaluate on val, score brand alignment, register the model.
 
-    With no URL lists, the main job on the embedded defaults (what `clipforge demo` runs): the bundled OpenMoji
-    catalog served over loopback, with the demo's settings for every field not given."""
+    With no URL lists, the main job on the embedded defaults (what `clipforge demo` runs): the bundled catalog(s)
+    (`ingest.catalog`) served over loopback, with the demo's settings for every field not given."""
     logger, phases = get_run_logger(), PhaseTimes()
     use_catalog = ingest.train_urls is None
     if use_catalog != (ingest.val_urls is None):
         raise UserError("give both ingest.train_urls and ingest.val_urls, or neither (the bundled catalog)")
     if use_catalog:
-        ingest, train, evaluation, registry = (with_defaults(settings, DEMO_SETTINGS[name]) for settings, name in
+        defaults = demo_settings(ingest.catalog)
+        ingest, train, evaluation, registry = (with_defaults(settings, defaults[name]) for settings, name in
                                                ((ingest, "ingest"), (train, "train"), (evaluation, "evaluation"),
                                                 (registry, "registry")))
     with bundled_catalog(ingest, phases) if use_catalog else contextlib.nullcontext(ingest) as ingest, phases("ingest"):
-        ingest_settings = settings_dump(ingest, exclude=("train_urls", "val_urls", "output", "catalog_dir"))
+        ingest_settings = settings_dump(ingest, exclude=("train_urls", "val_urls", "output", "catalog_dir", "catalog"))
         datasets = {
             split: ingest_flow(IngestConfig(urls=urls, output=storage.join(ingest.output, split), **ingest_settings))
             for split, urls in (("train", ingest.train_urls), ("val", ingest.val_urls))

@@ -39,20 +39,26 @@ class DemoResult:
     """Wall-clock seconds of each phase of the flow run."""
 
 
-def demo_parameters(workdir: Path, epochs: int | None = None, precision: str | None = None) -> dict[str, dict]:
+def demo_parameters(workdir: Path, epochs: int | None = None, precision: str | None = None,
+                    catalog: str | None = None) -> dict[str, dict]:
     """The clip-train parameters of the demo: only locations under `workdir` (and the overrides given), so the flow
     runs on its embedded defaults, exactly as a parameter-less deployment run does."""
+    from flows.params import DEMO_WORKDIR, demo_settings
+
     train: dict[str, object] = {"epochs": epochs} if epochs else {}
     evaluation: dict[str, object] = {}
     if precision:
         train["precision"] = evaluation["precision"] = precision
-    return {"ingest": {"output": str(workdir / "data" / "openmoji"),
-                       "catalog_dir": str(workdir / "catalog" / "openmoji")},
-            "train": {"output": str(workdir / "runs" / "demo"), **train}, "evaluation": evaluation,
+    defaults = demo_settings(catalog) if catalog else demo_settings()
+    under_workdir = lambda location: str(workdir / Path(location).relative_to(DEMO_WORKDIR))  # noqa: E731
+    ingest = {"output": under_workdir(defaults["ingest"]["output"]), "catalog_dir": str(workdir / "catalog")}
+    return {"ingest": {**ingest, **({"catalog": catalog} if catalog else {})},
+            "train": {"output": under_workdir(defaults["train"]["output"]), **train}, "evaluation": evaluation,
             "registry": {"location": str(workdir / "registry")}}
 
 
-def run_demo(workdir: str | Path = ".clipforge", epochs: int | None = None, precision: str | None = None) -> DemoResult:
+def run_demo(workdir: str | Path = ".clipforge", epochs: int | None = None, precision: str | None = None,
+             catalog: str | None = None) -> DemoResult:
     from infra.prefect_server import prefect_server
 
     workdir = Path(workdir).resolve()
@@ -61,7 +67,7 @@ def run_demo(workdir: str | Path = ".clipforge", epochs: int | None = None, prec
               f"--home {workdir / 'prefect'}` shows the finished run)", flush=True)
         with tempfile.TemporaryDirectory(prefix="clipforge-demo-") as scratch:
             spec_file, result_file = Path(scratch, "spec.json"), Path(scratch, "result.json")
-            spec_file.write_text(json.dumps(demo_parameters(workdir, epochs, precision)))
+            spec_file.write_text(json.dumps(demo_parameters(workdir, epochs, precision, catalog)))
             # the flow runs in its own process, against the server: it exits (flushing its logs and events to the
             # server) before the server stops
             child = subprocess.run([sys.executable, "-c", "from flows.demo import run_flow; run_flow()",

@@ -75,6 +75,16 @@ DEMO_SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
+def demo_settings(catalog: str = "openmoji") -> dict[str, dict[str, Any]]:
+    """DEMO_SETTINGS for a choice of bundled catalog(s): each choice has its own shards, training run and model name
+    (OpenMoji's are the ones above), so switching never resumes another choice's work."""
+    if catalog == "openmoji":
+        return DEMO_SETTINGS
+    return {**DEMO_SETTINGS, "ingest": {**DEMO_SETTINGS["ingest"], "output": f"{DEMO_WORKDIR}/data/{catalog}"},
+            "train": {**DEMO_SETTINGS["train"], "output": f"{DEMO_WORKDIR}/runs/demo-{catalog}"},
+            "registry": {"model_name": "emoji-clip" if catalog == "both" else f"{catalog}-clip"}}
+
+
 def with_defaults(settings: Config, defaults: dict[str, Any]) -> Config:
     """`settings` with `defaults` in every field the caller did not set."""
     return settings.model_copy(update={k: v for k, v in defaults.items() if k not in settings.model_fields_set})
@@ -90,9 +100,12 @@ IngestParams = derive(
                                      "it. Empty: the bundled catalog's validation split (with train_urls empty).")),
     output=(str, _described(f"{DEMO_WORKDIR}/data/clip-train", "Folder or s3:// prefix: the train shards go to "
                             "<output>/train, the validation shards to <output>/val.")),
-    catalog_dir=(str, _described(f"{DEMO_WORKDIR}/catalog/openmoji", "Local folder the bundled catalog is rendered "
-                                 "into when no URL lists are given (reused when complete); its URL lists go to "
-                                 "<catalog_dir>-lists.")),
+    catalog=(Literal["openmoji", "fluent", "both"], _described("openmoji", "Bundled catalog(s) used when no URL "
+             "lists are given: OpenMoji, Microsoft's Fluent Emoji Flat, or both as one dataset (train and val splits "
+             "of each; every emoji on the same side for both vendors).")),
+    catalog_dir=(str, _described(f"{DEMO_WORKDIR}/catalog", "Local folder the bundled catalogs are rendered into "
+                                 "(<catalog_dir>/openmoji, <catalog_dir>/fluent; reused when complete); their URL "
+                                 "lists go to <catalog_dir>/lists/<catalog>.")),
 )
 
 TrainSettings = derive(

@@ -165,7 +165,7 @@ def test_a_run_with_no_parameters_runs_the_main_job_on_the_embedded_defaults(ser
     version = promoted(registry, "openmoji-clip")
     assert version is not None and [v.version for v in list_versions(registry, "openmoji-clip")] == [version.version]
     assert version.config["train"]["preset"] == "small" and version.config["train"]["patch_dropout"] == 0.5
-    assert version.config["ingest"]["train_urls"].endswith("openmoji-lists/train.parquet")  # the bundled catalog's
+    assert version.config["ingest"]["train_urls"].endswith("lists/openmoji/train.parquet")  # the bundled catalog's
     assert version.config["runtime"]["device"] == "cpu"
     assert version.parent is None and len(version.dataset) == 2
     assert all(read_manifest(d).num_samples > 0 for d in version.dataset)

@@ -1,0 +1,44 @@
+"""What the recipe benchmarks share (`demo_recipe.py`, `cross_style.py`): train in this process, then evaluate.
+
+`train_and_evaluate` trains a tokenizer on the dataset's captions, runs `train_loop` (as each Ray Train worker of
+`clipforge train` does) and evaluates the final model on image sets by zero-shot over the Unicode groups and
+retrieval, as the demo does.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from pipeline.manifest import read_manifest
+from training.data import read_captions
+from training.evaluate import EvaluateConfig, evaluate
+from training.model import MODEL_PRESETS
+from training.tokenizer import train_tokenizer
+from training.train import TrainConfig, train_loop
+
+
+def train_and_evaluate(config: TrainConfig, evaluations: dict[str, str],
+                       precision: str = "auto") -> tuple[float, dict[str, dict]]:
+    """(training seconds, metrics of each named evaluation set) of one run of `config`."""
+    with tempfile.TemporaryDirectory(prefix="bench-recipe-") as scratch:
+        out = Path(scratch)
+        captions = read_captions(read_manifest(config.data), caption_field=config.caption_field)
+        train_tokenizer(captions, vocab_size=8192,
+                        context_length=MODEL_PRESETS[config.preset].context_length).save(out / "tokenizer")
+        config = config.model_copy(update={"output": str(out / "run"), "checkpoint_every": 1_000_000})
+
+        def report(metrics: dict, directory: Path | None) -> None:
+            if directory is not None:
+                shutil.copytree(directory, out / "model", dirs_exist_ok=True)
+
+        started = time.perf_counter()
+        train_loop(config, out / "tokenizer", report)
+        seconds = time.perf_counter() - started
+        results = {name: evaluate(EvaluateConfig(model=str(out / "model"), data=data, output=str(out / "eval" / name),
+                                                 label_field="group", templates="emoji", precision=precision,
+                                                 report=False), progress=False)
+                   for name, data in evaluations.items()}
+    return seconds, results
