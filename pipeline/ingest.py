@@ -62,7 +62,8 @@ class IngestConfig(Config):
     """Name of the column holding image URLs."""
 
     caption_column: str = "caption"
-    """Name of the column holding captions."""
+    """Name of the column holding captions: text, or a list of captions per image (then the first is the caption
+    evaluation reads, and the whole list is kept as the json field `captions`, which training samples per epoch)."""
 
     extra_columns: list[str] | None = None
     """Other input columns to keep in each sample's json. Empty: keep them all."""
@@ -206,11 +207,19 @@ def prepare_input(source: pa.Table, config: IngestConfig, location: str = "URL l
         column = source[name]
         return column if pa.types.is_string(column.type) else pc.cast(column, pa.string(), safe=False)
 
+    captions = source[config.caption_column]
+    listed = {}
+    if pa.types.is_list(captions.type) or pa.types.is_large_list(captions.type):  # several captions per image
+        listed = {"captions": json_safe(captions)} if "captions" not in extras else {}
+        captions = pa.array([c[0] if c else None for c in captions.to_pylist()], pa.string())
+    else:
+        captions = as_string(config.caption_column)
     table = pa.table({
         "url": pc.utf8_trim_whitespace(as_string(config.url_column)),
-        "caption": pc.fill_null(as_string(config.caption_column), ""),
+        "caption": pc.fill_null(captions, ""),
         "row": pa.array(range(source.num_rows), pa.int64()),
         **{name: json_safe(source[name]) for name in extras},
+        **listed,
     })
 
     rejected: list[pa.Table] = []

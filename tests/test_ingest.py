@@ -156,6 +156,16 @@ def test_prepare_input_filters_and_keeps_extra_columns() -> None:
     }
 
 
+def test_a_caption_list_column_keeps_every_caption_and_its_first_as_the_caption() -> None:
+    source = pa.table({"url": ["http://a/1.jpg", "http://a/2.jpg", "http://a/3.jpg"],
+                       "texts": [["a dog", "a puppy", "dog emoji"], ["a cat"], []]})
+    kept, rejected = prepare_input(source, IngestConfig(urls="x.parquet", caption_column="texts"))
+    assert kept.select(["caption", "captions"]).to_pylist() == [
+        {"caption": "a dog", "captions": '["a dog", "a puppy", "dog emoji"]'},  # JSON text: the loader reads it back
+        {"caption": "a cat", "captions": '["a cat"]'}]
+    assert rejected.select(["row", "reason"]).to_pylist() == [{"row": 2, "reason": "caption_too_short"}]
+
+
 def test_prepare_input_names_the_missing_column() -> None:
     with pytest.raises(UserError, match="no URL column 'url' .*columns: link, caption.*--url-column"):
         prepare_input(pa.table({"link": ["http://a"], "caption": ["c"]}), IngestConfig(urls="x.csv"))
