@@ -64,6 +64,7 @@ def test_each_augmentation_does_what_it_says() -> None:
 
     flat = torch.full((1, 3, 32, 32), 90, dtype=torch.uint8)
     torch.testing.assert_close(styled(flat, resolution=0.375), normalize(flat), atol=1e-4, rtol=0)
+    torch.testing.assert_close(styled(flat, resolution=0.125), normalize(flat), atol=1e-4, rtol=0)
     assert not torch.allclose(styled(line_image(), resolution=0.375), normalize(line_image()), atol=0.1)
 
 
@@ -74,6 +75,8 @@ def test_draws_apply_only_what_is_named_and_do_not_depend_on_the_others() -> Non
     every = [style_draw(random.Random(i), STYLE_AUGMENTATIONS) for i in range(400)]
     assert [d[3] for d in every] == [d[3] for d in draws]  # turning others on leaves grey's draws as they were
     assert all(sum(d[k] != NEUTRAL_STYLE[k] for d in every) > 40 for k in range(7))  # each one is drawn
+    low = [style_draw(random.Random(i), ("lowres",))[6] for i in range(400)]
+    assert 150 < sum(share <= 0.25 for share in low) < 250 and set(low) <= {1.0, 0.125, 0.1875, 0.25}
 
 
 def test_the_loader_draws_styles_per_sample_reproducibly(tmp_path: Path) -> None:

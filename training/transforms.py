@@ -122,11 +122,14 @@ def train_crop(data: bytes, size: int, rng: random.Random,
 # ---------------------------------------------------------------------------------------------------------------------
 # Style augmentations: change how a picture is drawn, keep what it shows (training only; evaluation never sees them)
 
-STYLE_AUGMENTATIONS = ("colour", "grey", "outline", "blur", "resolution", "rotate")
-"""colour: hue rotation and saturation; grey: greyscale; outline: dark lines one pixel thicker or thinner (a 3x3 min
-or max filter); blur: a 3x3 blur; resolution: drawn at 3/8 to 5/8 of the size and scaled back up; rotate: up to 15
-degrees either way. No flips: captions say "left" and "right"."""
+STYLE_AUGMENTATIONS = ("colour", "grey", "outline", "blur", "resolution", "lowres", "rotate")
+"""colour: any hue turn and saturation (1 in 5 kept); grey: greyscale (1 in 5); outline: dark lines one pixel thicker
+or thinner, a 3x3 min or max filter (1 in 4 each); blur: a 3x3 blur (1 in 5); resolution: drawn at 3/8 to 5/8 of the
+size and scaled back up (1 in 3); lowres: drawn at 1/8 to 1/4 of the size, so that only the layout of colours is
+left (1 in 2; it takes precedence over resolution); rotate: up to 15 degrees either way. No flips: captions say
+"left" and "right"."""
 _RESOLUTIONS = (0.375, 0.5, 0.625)
+_LOW_RESOLUTIONS = (0.125, 0.1875, 0.25)
 # (B, 7) per-sample draws: angle (radians), hue (radians), saturation, grey, outline (-1 thinner, +1 thicker), blur,
 # resolution (share of the size); all neutral (0, 0, 1, 0, 0, 0, 1) when an augmentation is off or not drawn.
 NEUTRAL_STYLE = (0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
@@ -144,13 +147,15 @@ def style_draw(rng: random.Random, augment: tuple[str, ...]) -> tuple[float, ...
 
     Each augmentation draws from `rng` whether or not it is on: turning one off leaves the others' draws as they were.
     """
-    u = [rng.random() for _ in range(7)]
+    u = [rng.random() for _ in range(8)]
     angle = (u[0] * 2 - 1) * math.radians(15) if "rotate" in augment else 0.0
     hue, saturation = ((u[1] * 2 - 1) * math.pi, 0.5 + u[2]) if "colour" in augment and u[2] < 0.8 else (0.0, 1.0)
     grey = float("grey" in augment and u[3] < 0.2)
     outline = (-1.0 if u[4] < 0.25 else 1.0 if u[4] > 0.75 else 0.0) if "outline" in augment else 0.0
     blur = float("blur" in augment and u[5] < 0.2)
     resolution = _RESOLUTIONS[int(u[6] * 9) % 3] if "resolution" in augment and u[6] < 1 / 3 else 1.0
+    if "lowres" in augment and u[7] < 0.5:
+        resolution = _LOW_RESOLUTIONS[int(u[7] * 6) % 3]
     return angle, hue, saturation, grey, outline, blur, resolution
 
 
@@ -180,7 +185,7 @@ def style_augment(images: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
     if blur.any():
         images = chosen(blur > 0, F.avg_pool2d(images, 3, 1, 1, count_include_pad=False), images)
     size = images.shape[-1]
-    for share in _RESOLUTIONS:
+    for share in (*_RESOLUTIONS, *_LOW_RESOLUTIONS):
         mask = resolution == share
         if mask.any():
             small = F.interpolate(images, size=max(1, round(size * share)), mode="bilinear", antialias=True)
