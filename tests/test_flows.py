@@ -24,7 +24,7 @@ from flows.evaluate_flow import headline_metrics, metric_value
 from flows.nightly import (NightlyParams, NightlyState, batch_name, combine_url_lists, list_url_lists,
                            promotion_decision, read_state, write_state)
 from flows.params import (EvaluationSettings, FinetuneSettings, IngestParams, IngestSettings, TrainSettings,
-                          retry_unless_user_error)
+                          demo_settings, retry_unless_user_error)
 from pipeline.errors import UserError
 from pipeline.registry import get_version, list_versions, promote, promoted, promotion, register_model
 
@@ -44,6 +44,23 @@ def test_settings_keep_the_configs_fields_bounds_and_descriptions() -> None:
     finetune = FinetuneSettings()
     assert "init_from" not in FinetuneSettings.model_fields
     assert (finetune.lr, finetune.steps) == (1e-4, 100)  # the nightly run's own schedule
+
+
+def test_each_bundled_catalog_choice_has_its_own_shards_run_and_model() -> None:
+    """Switching `clipforge demo --catalog` (or ingest.catalog) never resumes another choice's shards or training run."""
+    from flows.demo import demo_parameters
+
+    choices = {c: demo_parameters(Path("/w/.clipforge"), catalog=c) for c in ("openmoji", "fluent", "both")}
+    assert demo_parameters(Path("/w/.clipforge")) == {**choices["openmoji"], "ingest": {
+        k: v for k, v in choices["openmoji"]["ingest"].items() if k != "catalog"}}  # openmoji is the default
+    for part in ("ingest", "train"):
+        outputs = {c["ingest"]["catalog"]: c[part]["output"] for c in choices.values()}
+        assert len(set(outputs.values())) == 3 and all(o.startswith("/w/.clipforge/") for o in outputs.values())
+    assert choices["openmoji"]["train"]["output"] == "/w/.clipforge/runs/demo"  # where earlier demos left their run
+    assert {c: demo_settings(c)["registry"]["model_name"] for c in choices} == {
+        "openmoji": "openmoji-clip", "fluent": "fluent-clip", "both": "emoji-clip"}
+    with pytest.raises(ValidationError, match="catalog"):
+        IngestParams(catalog="bogus")
 
 
 def test_flow_parameter_schema_describes_every_field() -> None:
