@@ -2,9 +2,9 @@
 
     python bench/cross_style.py --train openmoji --steps 1200 --augment colour grey outline blur resolution rotate
 
-Trains the `small` preset (in this process, by `train_loop`, as `clipforge train` runs in each worker) on the training
-split of OpenMoji (or of both catalogs: `--train both`), then evaluates zero-shot classification over the Unicode
-groups and text-to-image retrieval on:
+Trains the `small` preset (`--image-size` and `--patch-size` change its input) in this process, by `train_loop` as
+`clipforge train` runs it in each worker, on the training split of OpenMoji (or of both catalogs: `--train both`),
+then evaluates zero-shot classification over the Unicode groups and text-to-image retrieval on:
 - `openmoji-val`: OpenMoji's validation split (emoji kept out of training, in the style trained on);
 - `fluent`: the whole Fluent Emoji Flat catalog (every emoji, a style never seen) when training on OpenMoji alone;
 - `fluent-val`: Fluent's validation split (emoji kept out of training) when training on both.
@@ -33,6 +33,7 @@ from pipeline.catalog import (build_fluent_catalog, build_openmoji_catalog, read
                               write_url_list)
 from pipeline.ingest import IngestConfig, ingest  # noqa: E402
 from pipeline.manifest import MANIFEST_NAME  # noqa: E402
+from training.model import MODEL_PRESETS  # noqa: E402
 from training.train import TrainConfig  # noqa: E402
 from training.transforms import STYLE_AUGMENTATIONS  # noqa: E402
 
@@ -99,6 +100,8 @@ def main() -> None:
     parser.add_argument("--augment", nargs="*", default=[], choices=STYLE_AUGMENTATIONS)
     parser.add_argument("--captions", choices=["one", "list"], default="one",
                         help="one: every sample with its name; list: one of its caption list, drawn per epoch")
+    parser.add_argument("--image-size", type=int, default=64, help="the model's input side (small: 64)")
+    parser.add_argument("--patch-size", type=int, default=8, help="the image tower's patch side (small: 8)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--label", default="", help="a name for this run in the output")
     parser.add_argument("--results", default=None, help="append the JSON line to this file too")
@@ -113,7 +116,8 @@ def main() -> None:
         evaluations["fluent-val"] = evaluation_list(workdir, "fluent-val", built["fluent"], "val")
     else:
         evaluations["fluent"] = evaluation_list(workdir, "fluent", built["fluent"], None)
-    config = TrainConfig(data=data, preset="small", steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+    MODEL_PRESETS["recipe"] = MODEL_PRESETS["small"].derive(image_size=args.image_size, patch_size=args.patch_size)
+    config = TrainConfig(data=data, preset="recipe", steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          weight_decay=args.weight_decay, warmup_steps=20, patch_dropout=args.patch_dropout,
                          crop_scale_min=args.crop_scale_min, augment=args.augment,
                          caption_field="captions" if args.captions == "list" else None, seed=args.seed)

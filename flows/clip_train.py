@@ -26,7 +26,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from flows.brand_flow import brand_score_flow
 from flows.evaluate_flow import evaluate_flow, headline_metrics, metric_rows
 from flows.ingest_flow import ingest_flow
-from flows.params import (DEMO_SETTINGS, BrandSettings, ClipTrainRegistry, EvaluationSettings, IngestParams,
+from flows.params import (BrandSettings, ClipTrainRegistry, EvaluationSettings, IngestParams,
                           TrainSettings, demo_settings, retry_options, settings_dump, with_defaults)
 from flows.train_flow import train_flow
 from pipeline import storage
@@ -129,7 +129,8 @@ def bundled_catalog(ingest: Any, phases: PhaseTimes) -> Iterator[Any]:
                      for source, catalog, base_url in zip(sources, catalogs, base_urls)]
             pq.write_table(pa.concat_tables(parts), lists / f"{split}.parquet")
             urls[f"{split}_urls"] = str(lists / f"{split}.parquet")
-        get_run_logger().info("bundled catalog(s) %s served at %s for the run", ", ".join(sources), ", ".join(base_urls))
+        get_run_logger().info("bundled catalog(s) %s served at %s for the run", ", ".join(sources),
+                              ", ".join(base_urls))
         yield ingest.model_copy(update=urls)
 
 
@@ -155,7 +156,8 @@ def clip_train(
                                                ((ingest, "ingest"), (train, "train"), (evaluation, "evaluation"),
                                                 (registry, "registry")))
     with bundled_catalog(ingest, phases) if use_catalog else contextlib.nullcontext(ingest) as ingest, phases("ingest"):
-        ingest_settings = settings_dump(ingest, exclude=("train_urls", "val_urls", "output", "catalog_dir", "catalog"))
+        ingest_settings = settings_dump(ingest, exclude=("train_urls", "val_urls", "output", "catalog_dir",
+                                                         "catalog"))
         datasets = {
             split: ingest_flow(IngestConfig(urls=urls, output=storage.join(ingest.output, split), **ingest_settings))
             for split, urls in (("train", ingest.train_urls), ("val", ingest.val_urls))

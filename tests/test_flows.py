@@ -47,7 +47,7 @@ def test_settings_keep_the_configs_fields_bounds_and_descriptions() -> None:
 
 
 def test_each_bundled_catalog_choice_has_its_own_shards_run_and_model() -> None:
-    """Switching `clipforge demo --catalog` (or ingest.catalog) never resumes another choice's shards or training run."""
+    """Switching `clipforge demo --catalog` (or ingest.catalog) never resumes another choice's shards or run."""
     from flows.demo import demo_parameters
 
     choices = {c: demo_parameters(Path("/w/.clipforge"), catalog=c) for c in ("openmoji", "fluent", "both")}
