@@ -47,7 +47,7 @@ from flows.train_flow import train_flow
 from pipeline import storage
 from pipeline.config import Config
 from pipeline.errors import UserError
-from pipeline.ingest import IngestConfig, read_url_list
+from pipeline.ingest import IngestConfig, json_safe, read_url_list
 from pipeline.registry import ModelVersion, promoted
 from pipeline.storage import StorageConfig
 from training.evaluate import EvaluateConfig
@@ -181,8 +181,12 @@ def batch_name(names: list[str]) -> str:
 
 
 def combine_url_lists(locations: list[str], output: str, config: StorageConfig | None = None) -> str:
-    """Concatenate URL lists (columns unified, missing ones null) into one parquet at `output`; returns `output`."""
-    tables = [read_url_list(location, config) for location in locations]
+    """Concatenate URL lists (columns unified, missing ones null) into one parquet at `output`; returns `output`.
+
+    Columns are stored as ingest keeps them (`json_safe`): a caption list in a parquet list and the same list as JSON
+    text in a csv line up."""
+    tables = [pa.table({name: json_safe(table[name]) for name in table.column_names})
+              for table in (read_url_list(location, config) for location in locations)]
     try:
         combined = pa.concat_tables(tables, promote_options="permissive")
     except pa.ArrowInvalid as err:

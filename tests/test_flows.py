@@ -26,6 +26,7 @@ from flows.nightly import (NightlyParams, NightlyState, batch_name, combine_url_
 from flows.params import (EvaluationSettings, FinetuneSettings, IngestParams, IngestSettings, TrainSettings,
                           demo_settings, retry_unless_user_error)
 from pipeline.errors import UserError
+from pipeline.ingest import json_safe
 from pipeline.registry import get_version, list_versions, promote, promoted, promotion, register_model
 
 # --- parameter models -----------------------------------------------------------------------------------------------
@@ -113,8 +114,9 @@ def test_new_url_lists_are_found_and_combined(tmp_path: Path) -> None:
     incoming = tmp_path / "incoming"
     (incoming / "2026" / "05").mkdir(parents=True)
     (incoming / "_clipforge").mkdir()
-    pq.write_table(pa.table({"url": ["http://a/1.png"], "caption": ["one"]}), incoming / "a.parquet")
-    (incoming / "2026" / "05" / "b.csv").write_text("url,caption,group\nhttp://a/2.png,two,g\n")
+    pq.write_table(pa.table({"url": ["http://a/1.png"], "caption": ["one"], "captions": [["one", "uno"]]}),
+                   incoming / "a.parquet")
+    (incoming / "2026" / "05" / "b.csv").write_text('url,caption,group,captions\nhttp://a/2.png,two,g,"[""two""]"\n')
     (incoming / "c.jsonl").write_text(json.dumps({"url": "http://a/3.png", "caption": "three"}) + "\n")
     (incoming / "notes.txt").write_text("not a list")
     (incoming / "_clipforge" / "x.parquet").write_bytes(b"ours")
@@ -128,6 +130,7 @@ def test_new_url_lists_are_found_and_combined(tmp_path: Path) -> None:
     table = pq.read_table(combined)
     assert table.column("caption").to_pylist() == ["two", "one", "three"]
     assert table.column("group").to_pylist() == ["g", None, None]
+    assert table.column("captions").to_pylist() == ['["two"]', '["one", "uno"]', None]  # lists as ingest keeps them
 
 
 def test_state_round_trip_and_atomic_replace(tmp_path: Path) -> None:
@@ -299,7 +302,9 @@ def test_nightly_promotes_refuses_and_has_nothing_to_do(nightly_env: dict) -> No
     print(f"nightly with new data, promoted: {time.monotonic() - started:.0f} s")
 
     # 2. another list, a tolerance no candidate meets (it must improve by 1.0): registered as clip@3, not promoted
-    pyarrow.csv.write_csv(train_rows.slice(96, 96), root / "incoming" / "day2.csv")
+    day2 = train_rows.slice(96, 96)  # in a csv, the caption lists are JSON text (a csv holds no lists)
+    day2 = pa.table({name: json_safe(day2[name]) for name in day2.column_names})
+    pyarrow.csv.write_csv(day2, root / "incoming" / "day2.csv")
     state = _nightly(nightly_env, tolerance=-1.0)
     assert state.is_completed(), state.message
     result = state.result()
