@@ -49,7 +49,7 @@ def demo_parameters(workdir: Path, epochs: int | None = None, precision: str | N
     evaluation: dict[str, object] = {}
     if precision:
         train["precision"] = evaluation["precision"] = precision
-    defaults = demo_settings(catalog) if catalog else demo_settings()
+    defaults = demo_settings(catalog or "openmoji")
     under_workdir = lambda location: str(workdir / Path(location).relative_to(DEMO_WORKDIR))  # noqa: E731
     ingest = {"output": under_workdir(defaults["ingest"]["output"]), "catalog_dir": str(workdir / "catalog")}
     return {"ingest": {**ingest, **({"catalog": catalog} if catalog else {})},

@@ -1,8 +1,7 @@
 """The `evaluate` flow: zero-shot classification and retrieval (`training.evaluate`) as a Prefect run.
 
-The UI shows the headline metrics beside their chance level and, for zero-shot classes, the majority baseline (table
-artifact) and where metrics.json and the HTML
-report were written.
+The UI shows the headline metrics beside their chance level and, for zero-shot classes, the majority baseline (a
+table artifact), and where metrics.json and the HTML report were written.
 """
 
 from __future__ import annotations
