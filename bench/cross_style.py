@@ -16,7 +16,6 @@ each catalog is served over loopback HTTP and ingested by `clipforge ingest`, on
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -29,8 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from bench.recipe import train_and_evaluate  # noqa: E402
-from pipeline.catalog import (build_fluent_catalog, build_openmoji_catalog, read_catalog, serve_directory,  # noqa: E402
-                              write_url_list)
+from pipeline.catalog import build_fluent_catalog, build_openmoji_catalog, read_catalog, serve_catalogs  # noqa: E402
 from pipeline.ingest import IngestConfig, ingest  # noqa: E402
 from pipeline.manifest import MANIFEST_NAME  # noqa: E402
 from training.model import MODEL_PRESETS  # noqa: E402
@@ -45,21 +43,12 @@ def catalogs(workdir: Path) -> dict[str, Path]:
 
 
 def training_shards(workdir: Path, sources: list[str], built: dict[str, Path]) -> str:
-    """The training splits of `sources` as one ingested dataset (built on first use): one URL list, each catalog
-    served over loopback HTTP while it is downloaded."""
+    """The training splits of `sources` as one ingested dataset (built on first use), downloaded over loopback HTTP."""
     output = workdir / "data" / "+".join(sources)
-    if (output / MANIFEST_NAME).exists():
-        return str(output)
-    with contextlib.ExitStack() as servers:
-        tables = []
-        for source in sources:
-            base_url = servers.enter_context(serve_directory(built[source]))
-            url_list = write_url_list(built[source], base_url, "train", workdir / "lists" / f"train-{source}.parquet")
-            table = pq.read_table(url_list)
-            tables.append(table.append_column("vendor", pa.array([source] * table.num_rows)))
-        url_list = workdir / "lists" / ("train-" + "+".join(sources) + ".parquet")
-        pq.write_table(pa.concat_tables(tables), url_list)
-        ingest(IngestConfig(urls=str(url_list), output=str(output), min_success_rate=0.95), progress=False)
+    if not (output / MANIFEST_NAME).exists():
+        with serve_catalogs({s: built[s] for s in sources}, workdir / "lists" / "+".join(sources)) as url_lists:
+            ingest(IngestConfig(urls=str(url_lists["train"]), output=str(output), min_success_rate=0.95),
+                   progress=False)
     return str(output)
 
 

@@ -110,27 +110,15 @@ class PhaseTimes(dict):
 def bundled_catalog(ingest: Any, phases: PhaseTimes) -> Iterator[Any]:
     """While the block runs, the bundled catalog(s) are served over loopback HTTP; yields `ingest` with URL lists that
     hold every chosen catalog's split (`<catalog_dir>/lists/<catalog>/{train,val}.parquet`)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from pipeline.catalog import serve_directory, write_url_list
+    from pipeline.catalog import serve_catalogs
 
     sources = BUNDLED_CATALOGS[ingest.catalog]
     root = Path(ingest.catalog_dir)
     with phases("catalog"):
-        catalogs = [catalog_task(str(root / source), source, ingest.image_size) for source in sources]
-    lists = root / "lists" / ingest.catalog
-    with contextlib.ExitStack() as servers:
-        base_urls = [servers.enter_context(serve_directory(catalog, port=CATALOG_PORT + i))
-                     for i, catalog in enumerate(catalogs)]
-        urls = {}
-        for split in ("train", "val"):
-            parts = [pq.read_table(write_url_list(catalog, base_url, split, lists / f"{split}-{source}.parquet"))
-                     for source, catalog, base_url in zip(sources, catalogs, base_urls)]
-            pq.write_table(pa.concat_tables(parts), lists / f"{split}.parquet")
-            urls[f"{split}_urls"] = str(lists / f"{split}.parquet")
-        get_run_logger().info("bundled catalog(s) %s served at %s for the run", ", ".join(sources),
-                              ", ".join(base_urls))
+        catalogs = {source: Path(catalog_task(str(root / source), source, ingest.image_size)) for source in sources}
+    with serve_catalogs(catalogs, root / "lists" / ingest.catalog, first_port=CATALOG_PORT) as url_lists:
+        urls = {f"{split}_urls": str(path) for split, path in url_lists.items()}
+        get_run_logger().info("bundled catalog(s) %s served over loopback for the run", ", ".join(sources))
         yield ingest.model_copy(update=urls)
 
 

@@ -677,3 +677,22 @@ def serve_directory(directory: str | os.PathLike, host: str = "127.0.0.1", port:
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+@contextlib.contextmanager
+def serve_catalogs(catalogs: dict[str, Path], lists_dir: str | os.PathLike,
+                   first_port: int = 0) -> Iterator[dict[str, Path]]:
+    """Serve each of `catalogs` ({name: folder}) over loopback HTTP while the block runs (on `first_port`, the next
+    on the next port; 0: free ports) and yield {"train": URL list, "val": URL list}, each holding that split of every
+    catalog (`lists_dir/<split>.parquet`, one `<split>-<name>.parquet` per catalog beside it)."""
+    lists = Path(lists_dir)
+    with contextlib.ExitStack() as servers:
+        base_urls = {name: servers.enter_context(serve_directory(folder, port=first_port + i if first_port else 0))
+                     for i, (name, folder) in enumerate(catalogs.items())}
+        url_lists = {}
+        for split in SPLITS:
+            parts = [pq.read_table(write_url_list(folder, base_urls[name], split, lists / f"{split}-{name}.parquet"))
+                     for name, folder in catalogs.items()]
+            pq.write_table(pa.concat_tables(parts), lists / f"{split}.parquet")
+            url_lists[split] = lists / f"{split}.parquet"
+        yield url_lists

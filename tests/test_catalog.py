@@ -231,6 +231,18 @@ def test_url_list_served_over_loopback_returns_the_pngs(openmoji_300: Path, tmp_
             assert body == (openmoji_300 / source["image"]).read_bytes()
 
 
+def test_catalogs_served_together_give_one_url_list_per_split(openmoji_300: Path, fluent_300: Path,
+                                                               tmp_path: Path) -> None:
+    with catalog.serve_catalogs({"openmoji": openmoji_300, "fluent": fluent_300}, tmp_path / "lists") as lists:
+        for split in ("train", "val"):
+            rows = pq.read_table(lists[split]).to_pylist()
+            expected = [r for folder in (openmoji_300, fluent_300) for r in catalog.read_catalog(folder).to_pylist()
+                        if r["split"] == split]
+            assert [r["caption"] for r in rows] == [r["caption"] for r in expected]
+            with urllib.request.urlopen(rows[-1]["url"], timeout=10) as response:  # a Fluent image, served
+                assert response.read() == (fluent_300 / expected[-1]["image"]).read_bytes()
+
+
 def test_url_list_splits_and_errors(synthetic_64: Path, tmp_path: Path) -> None:
     sizes = {split: len(_read_url_list(catalog.write_url_list(synthetic_64, "http://h:1/", split,
                                                                  tmp_path / f"{split}.jsonl")))
