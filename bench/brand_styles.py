@@ -5,7 +5,7 @@ draw are split by base (skin-tone families together) into halves A and B by a st
 (brand = OpenMoji, off-brand = Fluent; and the reverse):
 
 - today's method (`centroid`): the unit centroid of the brand's half-A embeddings; score = cosine to it;
-- the discriminative profile (`clipforge brand build`, `training.brand.build_profile`) from the brand's half A,
+- the discriminative profile (`clipforge brand build`, `evaluation.brand.build_profile`) from the brand's half A,
   with the other vendor's half A as off-brand references, for each feature set (embedding, style, both);
 - the same profile with no references given (the generic set: the brand's images restyled, and drawn shapes).
 
@@ -32,10 +32,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.catalog import EMOJI_CATALOGS, normalise_hexcode, read_catalog  # noqa: E402
-from training.brand import (BrandBuildConfig, BrandScoreConfig, build_profile, read_scores, roc_auc,  # noqa: E402
+from evaluation.brand import (BrandBuildConfig, BrandScoreConfig, build_profile, read_scores, roc_auc,  # noqa: E402
                             score_images)
 from training.checkpoint import load_model  # noqa: E402
-from training.embed import embed_location, valid_rows, vectors, write_table  # noqa: E402
+from evaluation.embed import embed_location, valid_rows, vectors, write_table  # noqa: E402
 
 VENDORS = ("openmoji", "fluent")
 STYLE_BLOCKS = (0, 1)
@@ -91,7 +91,7 @@ def main() -> None:
         print(f"{'brand':<9} {'off-brand':<9} {'method':<34} {'AUC (B)':>8} {'FAR (B)':>8} {'FRR (B)':>8} "
               f"{'AUC held-out':>12}")
         for brand, other in (("openmoji", "fluent"), ("fluent", "openmoji")):
-            from training.embed import read_embeddings
+            from evaluation.embed import read_embeddings
 
             approved = vectors(valid_rows(read_embeddings(tables[brand, "A"])))
             centroid = approved.mean(axis=0) / np.linalg.norm(approved.mean(axis=0))

@@ -4,11 +4,11 @@
     python bench/embed_throughput.py --preset tiny --images 2048 --scored 1000000
 
 Prints, for bf16 and fp32:
-- model images/s: `training.embed.encode_images` on preprocessed (B, 3, S, S) tensors (the image tower + normalise),
+- model images/s: `evaluation.embed.encode_images` on preprocessed (B, 3, S, S) tensors (the image tower + normalise),
   from the fastest of `--batches` timed batches;
-- end-to-end images/s: `training.embed.embed_samples` from encoded PNG bytes (size checks, decode, crop, the tower,
+- end-to-end images/s: `evaluation.embed.embed_samples` from encoded PNG bytes (size checks, decode, crop, the tower,
   thumbnails, the parquet-ready table), as `clipforge embed` runs it;
-then the time to score N precomputed unit embeddings against a brand profile (`training.brand.score_embeddings`:
+then the time to score N precomputed unit embeddings against a brand profile (`evaluation.brand.score_embeddings`:
 cosine to the centroid, percentile in the held-out distribution, verdict), and chunked retrieval metrics on
 N x N random pairs. Weights are random: throughput does not depend on them.
 """
@@ -26,9 +26,10 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from training.brand import fit_logistic, sigmoid  # noqa: E402
-from training.embed import Sample, embed_samples, encode_images  # noqa: E402
-from training.evaluate import retrieval_metrics  # noqa: E402
+from evaluation.brand import fit_logistic, sigmoid  # noqa: E402
+from evaluation.embed import embed_samples, encode_images  # noqa: E402
+from pipeline.sources import Sample  # noqa: E402
+from evaluation.evaluate import retrieval_metrics  # noqa: E402
 from training.model import create_model  # noqa: E402
 
 

@@ -14,15 +14,16 @@ from pathlib import Path
 
 from pipeline.manifest import read_manifest
 from training.data import read_captions
-from training.evaluate import EvaluateConfig, evaluate
+from evaluation.evaluate import EvaluateConfig, evaluate
 from training.model import MODEL_PRESETS
 from training.tokenizer import train_tokenizer
 from training.train import TrainConfig, train_loop
 
 
-def train_and_evaluate(config: TrainConfig, evaluations: dict[str, str],
-                       precision: str = "auto") -> tuple[float, dict[str, dict]]:
-    """(training seconds, metrics of each named evaluation set) of one run of `config`."""
+def train_and_evaluate(config: TrainConfig, evaluations: dict[str, str], precision: str = "auto",
+                       keep_model: Path | None = None) -> tuple[float, dict[str, dict]]:
+    """(training seconds, metrics of each named evaluation set) of one run of `config`; the final checkpoint is
+    copied to `keep_model` when given."""
     with tempfile.TemporaryDirectory(prefix="bench-recipe-") as scratch:
         out = Path(scratch)
         captions = read_captions(read_manifest(config.data), caption_field=config.caption_field)
@@ -41,4 +42,6 @@ def train_and_evaluate(config: TrainConfig, evaluations: dict[str, str],
                                                  label_field="group", templates="emoji", precision=precision,
                                                  report=False), progress=False)
                    for name, data in evaluations.items()}
+        if keep_model is not None:
+            shutil.copytree(out / "model", keep_model, dirs_exist_ok=True)
     return seconds, results

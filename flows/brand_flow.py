@@ -1,5 +1,5 @@
 """The `brand-score` flow: build a brand profile from approved images, then score images against it
-(`training.brand`), as a Prefect run.
+(`evaluation.brand`), as a Prefect run.
 
 With `build` empty the flow scores against the profile already at `score.profile`. The UI shows the profile's
 held-out ROC curve with its operating point (markdown artifact; a profile under its AUC floor logs a warning) and
@@ -15,8 +15,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.params import retry_options
-from training.brand import BrandBuildConfig, BrandScoreConfig, build_profile, score_images
-from training.report import roc_plot
+from evaluation.brand import BrandBuildConfig, BrandScoreConfig, build_profile, score_images
+from evaluation.report import roc_plot
 
 
 @task(name="build-brand-profile", **retry_options())

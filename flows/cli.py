@@ -19,8 +19,8 @@ from pipeline.errors import UserError
 _COMMANDS = {
     "catalog": "pipeline.cli", "ingest": "pipeline.cli",
     "model-info": "training.cli", "train": "training.cli", "import": "training.cli", "export": "training.cli",
-    "embed": "training.eval_cli", "evaluate": "training.eval_cli", "brand": "training.eval_cli",
-    "search": "training.eval_cli",
+    "embed": "evaluation.cli", "evaluate": "evaluation.cli", "brand": "evaluation.cli",
+    "search": "evaluation.cli", "filter": "evaluation.cli",
     "serve": "flows.serve_cli",
 }
 

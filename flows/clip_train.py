@@ -1,8 +1,8 @@
 """The `clip-train` flow: the whole pipeline, from two URL lists to a registered, evaluated model.
 
-    ingest train list ─┐
-    ingest val list ───┼─> train on Ray ─> evaluate on val ─> brand profile (train) + scores (val) ─> register
-                       │                                                                    (+ promote the first)
+    ingest train list ─> filter ─┐
+    ingest val list ─────────────┼─> train on Ray ─> evaluate on val ─> brand profile (train) + scores (val)
+                                 │                                              ─> register (+ promote the first)
 
 Each step is a sub-flow (its own run in the UI, with its logs and artifacts) over a thin task. Re-running with the
 same parameters reuses finished work: ingest resumes shard by shard and training resumes or reuses its Ray Train run,
@@ -25,17 +25,19 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.brand_flow import brand_score_flow
 from flows.evaluate_flow import evaluate_flow, headline_metrics, metric_rows
+from flows.filter_flow import filter_flow
 from flows.ingest_flow import ingest_flow
-from flows.params import (BrandSettings, ClipTrainRegistry, EvaluationSettings, IngestParams,
+from flows.params import (BrandSettings, ClipTrainRegistry, EvaluationSettings, FilterSettings, IngestParams,
                           TrainSettings, demo_settings, retry_options, settings_dump, with_defaults)
 from flows.train_flow import train_flow
 from pipeline import storage
 from pipeline.errors import UserError
+from pipeline.filter import FilterConfig
 from pipeline.ingest import IngestConfig
 from pipeline.registry import ModelVersion, promote, promoted, register_model
 from pipeline.storage import StorageConfig
-from training.brand import BrandBuildConfig, BrandScoreConfig
-from training.evaluate import EvaluateConfig
+from evaluation.brand import BrandBuildConfig, BrandScoreConfig
+from evaluation.evaluate import EvaluateConfig
 from training.train import TrainConfig
 
 
@@ -126,11 +128,12 @@ def bundled_catalog(ingest: Any, phases: PhaseTimes) -> Iterator[Any]:
 def clip_train(
     ingest: IngestParams = IngestParams(),  # type: ignore[valid-type]
     train: TrainSettings = TrainSettings(),  # type: ignore[valid-type]
+    filtering: FilterSettings = FilterSettings(),  # type: ignore[valid-type]
     evaluation: EvaluationSettings = EvaluationSettings(),  # type: ignore[valid-type]
     brand: BrandSettings = BrandSettings(),
     registry: ClipTrainRegistry = ClipTrainRegistry(),
 ) -> ModelVersion:
-    """Ingest the train and val URL lists, train on Ray, evaluate on val, score brand alignment, register the model.
+    """Ingest the train and val URL lists, filter the train set, train on Ray, evaluate on val, score brand alignment, register the model.
 
     With no URL lists, the main job on the embedded defaults (what `clipforge demo` runs): the bundled catalog(s)
     (`ingest.catalog`) served over loopback, with the demo's settings for every field not given."""
@@ -150,6 +153,12 @@ def clip_train(
             split: ingest_flow(IngestConfig(urls=urls, output=storage.join(ingest.output, split), **ingest_settings))
             for split, urls in (("train", ingest.train_urls), ("val", ingest.val_urls))
         }
+    if filtering.enabled:
+        with phases("filter"):
+            datasets["train"] = filter_flow(FilterConfig(
+                data=datasets["train"].location, output=storage.join(ingest.output, "train-filtered"),
+                decontaminate=(*filtering.decontaminate, datasets["val"].location),
+                **settings_dump(filtering, exclude=("enabled", "decontaminate"))))
     train_config = TrainConfig(data=datasets["train"].location, **settings_dump(train))
     with phases("train"):
         result = train_flow(train_config)
@@ -178,7 +187,7 @@ def clip_train(
     with phases("register"):
         version = register_task(
             registry.location, registry.model_name, result.model,
-            config={"ingest": _config_json(ingest), "train": _config_json(train_config),
+            config={"ingest": _config_json(ingest), "filter": _config_json(filtering), "train": _config_json(train_config),
                     "evaluation": _config_json(eval_config), "runtime": result.runtime},
             metrics={**headline_metrics(metrics), **{f"train.{k}": v for k, v in result.metrics.items()
                                                      if isinstance(v, int | float) and not isinstance(v, bool)}},

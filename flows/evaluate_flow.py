@@ -1,4 +1,4 @@
-"""The `evaluate` flow: zero-shot classification and retrieval (`training.evaluate`) as a Prefect run.
+"""The `evaluate` flow: zero-shot classification and retrieval (`evaluation.evaluate`) as a Prefect run.
 
 The UI shows the headline metrics beside their chance level and, for zero-shot classes, the majority baseline (a
 table artifact), and where metrics.json and the HTML report were written.
@@ -12,7 +12,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from flows.params import retry_options
-from training.evaluate import EvaluateConfig, evaluate, output_files
+from evaluation.evaluate import EvaluateConfig, evaluate, output_files
 
 # per-class details and the confusion matrix stay in metrics.json and the HTML report
 _DETAILS = {"chance", "majority", "per_class_recall", "confusion_matrix", "class_names", "templates", "errors",

@@ -50,7 +50,7 @@ from pipeline.errors import UserError
 from pipeline.ingest import IngestConfig, json_safe, read_url_list
 from pipeline.registry import ModelVersion, promoted
 from pipeline.storage import StorageConfig
-from training.evaluate import EvaluateConfig
+from evaluation.evaluate import EvaluateConfig
 from training.train import TrainConfig
 from training.wiseft import GridPoint, WiseChoice, choose_mixing_weight, grid_plot, write_grid
 

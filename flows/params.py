@@ -25,8 +25,9 @@ from pydantic.fields import FieldInfo
 from pipeline import storage
 from pipeline.config import Config
 from pipeline.errors import UserError
+from pipeline.filter import FilterConfig
 from pipeline.ingest import IngestConfig
-from training.evaluate import EvaluateConfig
+from evaluation.evaluate import EvaluateConfig
 from training.train import TrainConfig
 
 
@@ -116,6 +117,15 @@ FinetuneSettings = derive(
     "FinetuneSettings", "The nightly fine-tune: its own schedule; it starts from the promoted model (init_from) and "
     "trains on the new data. Each night's run writes under <output>/<batch>.", TrainConfig, drop=("data", "init_from"),
     defaults={"output": ".clipforge/runs/nightly", "lr": 1e-4, "steps": 100, "warmup_steps": 10})
+
+FilterSettings = derive(
+    "FilterSettings", "Filtering of the ingested training set before training (the fields of `clipforge filter`, "
+    "except data and output, which the flow fills in). The validation set is always among the sets decontaminated "
+    "against: a training image that copies a validation image is removed.", FilterConfig, drop=("data", "output"),
+    defaults={"duplicate_hash_distance": 0},
+    enabled=(bool, _described(True, "Filter the training set (basic rules: caption length, exact-copy images with "
+                              "the same caption, copies of validation images). Off: train on the ingested set.")),
+)
 
 EvaluationSettings = derive(
     "EvaluationSettings", "Zero-shot classification and retrieval on the validation set (the fields of "

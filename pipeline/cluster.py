@@ -238,7 +238,7 @@ def adopt_credentials(credentials_ref: Any) -> None:
 def missing_code_message(err: BaseException) -> str | None:
     """A one-line explanation when a Ray worker could not import the project, else None."""
     text = f"{type(err).__name__}: {err}"
-    for package in ("pipeline", "training", "flows"):
+    for package in ("pipeline", "training", "evaluation", "flows"):
         if f"No module named '{package}" in text:
             return (f"a Ray node could not import clipforge ({text.splitlines()[0]}): install it on every node (the "
                     "image infra/docker/Dockerfile) or join the cluster by address, which ships the code to the nodes")

@@ -8,7 +8,7 @@ UI's run form and the metadata saved beside each checkpoint all read it from her
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -16,6 +16,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from pipeline.errors import UserError
 
 C = TypeVar("C", bound="Config")
+
+# where a job that runs a model runs it (chosen by `training.device`); here so every config can name them
+DeviceSetting = Literal["auto", "cpu", "cuda"]
+PrecisionSetting = Literal["auto", "bf16", "fp32"]
 
 
 class Config(BaseModel):

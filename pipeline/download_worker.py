@@ -5,9 +5,10 @@ thread, and a subprocess can be killed as a whole). Two things img2dataset does 
 that img2dataset pickles into its worker processes (importing them there applies the patch):
 
 - every download has a wall-clock deadline (img2dataset's `timeout` is per socket read, so a server that drips one
-  byte a second never times out) and a size cap, and the bytes are checked before they reach the resizer: HTML
-  instead of an image, truncated files and decompression bombs (a small file declaring an enormous image) fail with a
-  reason tag, `[kind] message`, that `classify_error` maps to a counted reason;
+  byte a second never times out) and a size cap, and the bytes are checked before they reach the resizer
+  (`pipeline.images.check_image_bytes`): HTML instead of an image, truncated files and decompression bombs (a small
+  file declaring an enormous image) fail with a reason tag, `[kind] message`, that `classify_error` maps to a counted
+  reason;
 - every process exits when its parent is gone, so `kill -9` of the ingest leaves no orphan still writing a shard that
   the resumed run rewrites.
 
@@ -30,11 +31,11 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations (import
 
 import img2dataset.downloader
 import img2dataset.logger
-from PIL import Image
 
 from pipeline import storage
 from pipeline.cluster import ray_init_kwargs
 from pipeline.failures import Fault
+from pipeline.images import check_image_bytes
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the bounded download
@@ -52,15 +53,6 @@ class DownloadLimits:
 
 _limits = DownloadLimits()
 
-_MAGIC = [(b"\xff\xd8\xff", "jpeg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF87a", "gif"), (b"GIF89a", "gif"),
-          (b"BM", "bmp"), (b"II*\x00", "tiff"), (b"MM\x00*", "tiff")]
-
-
-def _image_kind(body: bytes) -> str | None:
-    if body[:4] == b"RIFF" and body[8:12] == b"WEBP":
-        return "webp"
-    return next((kind for magic, kind in _MAGIC if body.startswith(magic)), None)
-
 
 def _read_bounded(response: Any, deadline: float, max_bytes: int) -> bytes:
     chunks, size = [], 0
@@ -74,27 +66,6 @@ def _read_bounded(response: Any, deadline: float, max_bytes: int) -> bytes:
         if size > max_bytes:
             raise Fault("too_large", f"body larger than {max_bytes} bytes")
         chunks.append(chunk)
-
-
-def check_image_bytes(body: bytes, content_type: str = "") -> None:
-    """Reject what is not a whole image of acceptable size before any decoding. Raises `Fault`."""
-    kind = _image_kind(body)
-    if kind is None:
-        start = body[:20].decode("latin-1", "replace").strip()
-        raise Fault("not_an_image", f"content is not an image ({content_type or 'no content type'}, starts {start!r})")
-    try:
-        with Image.open(io.BytesIO(body)) as image:  # parses the header only, decodes nothing
-            width, height = image.size
-    except Image.DecompressionBombError as err:
-        raise Fault("decompression_bomb", str(err).split(".")[0]) from None
-    except Exception as err:  # noqa: BLE001 - PIL raises many types for broken headers
-        raise Fault("corrupt", f"unreadable {kind} header: {err}") from None
-    if kind == "jpeg" and b"\xff\xd9" not in body[-1024:]:
-        raise Fault("truncated", "JPEG has no end-of-image marker")
-    if kind == "png" and b"IEND" not in body[-32:]:
-        raise Fault("truncated", "PNG has no IEND chunk")
-    if width * height > _limits.max_pixels:
-        raise Fault("decompression_bomb", f"declares {width}x{height} pixels, limit {_limits.max_pixels}")
 
 
 def download_image(row, timeout, user_agent_token, disallowed_header_directives):
@@ -113,7 +84,7 @@ def download_image(row, timeout, user_agent_token, disallowed_header_directives)
                 return key, None, "[robots_optout] use of image disallowed by X-Robots-Tag directive"
             body = _read_bounded(response, deadline, _limits.max_bytes)
             content_type = response.headers.get("Content-Type", "")
-        check_image_bytes(body, content_type)
+        check_image_bytes(body, _limits.max_bytes, _limits.max_pixels, content_type)
         return key, io.BytesIO(body), None
     except Exception as err:  # noqa: BLE001 - every failure is one counted sample, never a crash
         return key, None, str(err)

@@ -3,7 +3,9 @@
 Names: missing_url, invalid_url, caption_too_short, caption_too_long, duplicate_url (rejected before downloading);
 http_<code>, connection_refused, redirect_loop, timeout, deadline_exceeded, dns_error, connection_error,
 robots_optout, not_an_image, truncated, corrupt, decompression_bomb, too_large, too_small, aspect_ratio (while
-downloading and resizing); other for anything unrecognised (its message is kept in failures.parquet).
+downloading and resizing); other for anything unrecognised (its message is kept in failures.parquet). The content
+reasons (not_an_image, truncated, corrupt, decompression_bomb, too_large) come from `pipeline.images`, the one
+validator of untrusted image bytes, and name the same faults in the error rows of embedding tables.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ import re
 
 
 class Fault(Exception):
-    """A download rejected for a known reason; its message is tagged `[kind]` so it survives img2dataset's logs."""
+    """An image or download rejected for a known reason; its message is tagged `[kind]` so it survives img2dataset's
+    logs, and `detail` keeps the message without the tag (embedding error rows read `<kind>: <detail>`)."""
 
     def __init__(self, kind: str, message: str):
         super().__init__(f"[{kind}] {message}")
         self.kind = kind
+        self.detail = message
 
 
 _TAGGED = re.compile(r"^\[(\w+)\]")

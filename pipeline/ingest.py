@@ -43,6 +43,7 @@ from pipeline.failures import classify_error
 from pipeline.errors import UserError
 from pipeline.manifest import IngestSummary, Manifest, ShardInfo, tar_sample_offsets, write_manifest
 from pipeline.storage import StorageConfig
+from pipeline.tables import read_table
 
 WORK_DIR = "_clipforge"
 # columns img2dataset adds to each sample's json; an input column of the same name would be overwritten
@@ -141,41 +142,10 @@ class IngestConfig(Config):
 # ---------------------------------------------------------------------------------------------------------------------
 # 1. reading and cleaning the URL list
 
-_READERS = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl"}
-
 
 def read_url_list(location: str, config: StorageConfig | None = None) -> pa.Table:
-    """Read a URL list into a table. Raises `UserError` for unknown formats, unreadable or empty files."""
-    suffix = posixpath.splitext(location.removesuffix(".gz"))[1].lower()
-    kind = _READERS.get(suffix)
-    if kind is None:
-        raise UserError(f"URL list {location} must end in .csv, .tsv, .parquet or .jsonl")
-    fs, path = storage.pyarrow_filesystem(location, config)
-    with storage.storage_errors(location, config):
-        try:
-            if kind == "parquet":
-                return pq.read_table(path, filesystem=fs)
-            with fs.open_input_stream(path, compression="detect") as stream:
-                data = stream.read()
-        except FileNotFoundError:
-            raise UserError(f"URL list {location} does not exist") from None
-        except IsADirectoryError:
-            raise UserError(f"URL list {location} is a folder, not a file") from None
-        except pa.ArrowInvalid as err:
-            raise UserError(f"cannot read URL list {location} as {kind}: {str(err).splitlines()[0]}") from None
-    if not data.strip():
-        raise UserError(f"URL list {location} is empty")
-    try:
-        if kind == "jsonl":
-            return pyarrow.json.read_json(io.BytesIO(data))
-        delimiter = "\t" if kind == "tsv" else ","
-        return pyarrow.csv.read_csv(
-            io.BytesIO(data),
-            parse_options=pyarrow.csv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
-            convert_options=pyarrow.csv.ConvertOptions(strings_can_be_null=True),
-        )
-    except pa.ArrowInvalid as err:
-        raise UserError(f"cannot parse URL list {location} as {kind}: {str(err).splitlines()[0]}") from None
+    """Read a URL list into a table (`pipeline.tables.read_table`); raises `UserError` naming it a URL list."""
+    return read_table(location, config, "URL list")
 
 
 def _rejected(table: pa.Table, mask: pa.Array, reason: str) -> pa.Table:

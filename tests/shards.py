@@ -77,3 +77,22 @@ def write_tokenizer(folder: Path, context_length: int = 32, vocab_size: int = 40
     captions = [f"a {c} square number {n}" for n in range(200) for c in COLOURS[:1]] + COLOURS
     train_tokenizer(captions, vocab_size=vocab_size, context_length=context_length).save(folder)
     return folder
+
+
+def write_pairs(folder: Path, shards: list[list[tuple[bytes, str]]]) -> Path:
+    """A dataset of given (image bytes, caption) pairs, shard by shard; keys "SSSSSIIII"."""
+    folder.mkdir(parents=True, exist_ok=True)
+    infos = []
+    for shard, pairs in enumerate(shards):
+        path = folder / f"{shard:05d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for index, (image, caption) in enumerate(pairs):
+                _add(tar, f"{shard:05d}{index:04d}.jpg", image)
+                _add(tar, f"{shard:05d}{index:04d}.txt", caption.encode())
+        with open(path, "rb") as f:
+            offsets = tar_sample_offsets(f)
+        infos.append(ShardInfo(shard=shard, path=path.name, samples=len(pairs), attempted=len(pairs), failed=0,
+                               bytes=path.stat().st_size, offsets=offsets))
+    total = sum(len(p) for p in shards)
+    write_manifest(str(folder), infos, IngestSummary(input_rows=total, successes=total, shards=len(infos)))
+    return folder

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from pipeline.manifest import read_manifest
 from tests.shards import _jpeg, write_dataset, write_tokenizer
 from training.data import make_loader
-from training.embed import load_image
+from evaluation.embed import load_image
 from training.train import TrainConfig
 from training.transforms import NEUTRAL_STYLE, STYLE_AUGMENTATIONS, device_crops, eval_transform, normalize, style_draw
 

@@ -18,10 +18,10 @@ from PIL import Image
 
 from pipeline.catalog import build_fluent_catalog, build_openmoji_catalog, read_catalog
 from pipeline.errors import UserError
-from training.brand import (calibration_error, fit_scorer, load_profile, platt_scaling, roc_auc, roc_curve, sigmoid,
+from evaluation.brand import (calibration_error, fit_scorer, load_profile, platt_scaling, roc_auc, roc_curve, sigmoid,
                             threshold_at_false_accept)
 from training.checkpoint import save_checkpoint
-from training.eval_cli import commands
+from evaluation.cli import commands
 from training.model import create_model
 from training.tokenizer import train_tokenizer
 from tests.test_evaluate import synthetic_catalog, tiny_checkpoint  # noqa: F401 - shared fixtures
@@ -193,8 +193,8 @@ def test_hostile_files_become_error_rows_and_the_rest_is_scored(synthetic_catalo
     assert scored.exit_code == 0, scored.output
     rows = {r["key"]: r for r in pq.read_table(tmp_path / "scores" / "scores.parquet").to_pylist()}
     assert len(rows) == 11
-    expected = {"bomb.png": "too_many_pixels", "wide.png": "too_many_pixels", "huge.png": "too_large",
-                "notes.png": "not_an_image", "cut.png": "corrupt_image"}
+    expected = {"bomb.png": "decompression_bomb", "wide.png": "decompression_bomb", "huge.png": "too_large",
+                "notes.png": "not_an_image", "cut.png": "truncated"}
     for key, reason in expected.items():
         assert rows[key]["verdict"] == "error" and rows[key]["error"].startswith(reason), rows[key]
         assert rows[key]["probability"] is None and rows[key]["nearest_approved"] is None
@@ -203,7 +203,7 @@ def test_hostile_files_become_error_rows_and_the_rest_is_scored(synthetic_catalo
     assert all(0 <= r["probability"] <= 1 and r["nearest_approved"] for r in good)
     summary = json.loads((tmp_path / "scores" / "summary.json").read_text())
     assert summary["error"] == 5 and summary["scored"] == 6
-    assert summary["errors_by_reason"] == {"too_many_pixels": 2, "too_large": 1, "not_an_image": 1, "corrupt_image": 1}
+    assert summary["errors_by_reason"] == {"decompression_bomb": 2, "too_large": 1, "not_an_image": 1, "truncated": 1}
     assert "error" in scored.output
 
 

@@ -24,12 +24,12 @@ from pipeline.catalog import build_synthetic_catalog, read_catalog
 from pipeline.errors import UserError
 from pipeline.manifest import IngestSummary, ShardInfo, write_manifest
 from training.checkpoint import load_model, save_checkpoint
-from training.embed import encode_texts, read_embeddings, valid_rows, vectors
-from training.eval_cli import commands
-from training.evaluate import (class_embeddings, load_templates, retrieval_metrics, zero_shot_metrics)
+from evaluation.embed import encode_texts, read_embeddings, valid_rows, vectors
+from evaluation.cli import commands
+from evaluation.evaluate import (class_embeddings, load_templates, retrieval_metrics, zero_shot_metrics)
 from training.loss import clip_loss
 from training.model import create_model
-from training.search import top_k
+from evaluation.search import top_k
 from training.tokenizer import train_tokenizer
 from training.transforms import train_transform
 
@@ -265,7 +265,7 @@ def test_embed_folder_keeps_bad_files_as_error_rows(tiny_checkpoint: Path, synth
     assert result.exit_code == 0, result.output
     rows = {r["key"]: r for r in read_embeddings(str(output)).to_pylist()}
     assert set(rows) == {"broken.jpg", "sub/000000.png", "sub/000001.png"}
-    assert rows["broken.jpg"]["embedding"] is None and rows["broken.jpg"]["error"].startswith("not_an_image")
+    assert rows["broken.jpg"]["embedding"] is None and rows["broken.jpg"]["error"].startswith("corrupt:")
     assert rows["sub/000000.png"]["error"] is None and rows["sub/000000.png"]["thumbnail"]
 
 

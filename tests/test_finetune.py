@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from training.checkpoint import load_weights
 from training.convert import to_openai
-from training.evaluate import EvaluateConfig, evaluate
+from evaluation.evaluate import EvaluateConfig, evaluate
 from training.model import CLIP, MODEL_PRESETS, ModelConfig
 from training.train import TrainConfig, lock_tower, parameter_groups, train_loop
 from tests.shards import write_dataset

@@ -71,10 +71,11 @@ def test_flow_parameter_schema_describes_every_field() -> None:
     from flows.nightly import nightly_finetune
 
     schema = parameter_schema(clip_train).model_dump()
-    assert list(schema["properties"]) == ["ingest", "train", "evaluation", "brand", "registry"]
+    assert list(schema["properties"]) == ["ingest", "train", "filtering", "evaluation", "brand", "registry"]
     assert not schema.get("required")  # no parameters: the main job on the embedded defaults
     definitions = schema["definitions"]
-    for model in ("IngestParams", "TrainSettings", "EvaluationSettings", "BrandSettings", "ClipTrainRegistry"):
+    for model in ("IngestParams", "TrainSettings", "FilterSettings", "EvaluationSettings", "BrandSettings",
+                  "ClipTrainRegistry"):
         properties = definitions[model]["properties"]
         missing = [name for name, field in properties.items() if not field.get("description")]
         assert not missing, f"{model} fields without description: {missing}"

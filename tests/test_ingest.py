@@ -23,9 +23,10 @@ from click.testing import CliRunner
 
 from flows.cli import cli
 from pipeline import storage
-from pipeline.download_worker import DownloadLimits, check_image_bytes, download_image
+from pipeline.download_worker import DownloadLimits, download_image
 from pipeline.errors import UserError
 from pipeline.failures import Fault, classify_error
+from pipeline.images import check_image_bytes
 from pipeline.ingest import IngestConfig, ingest, prepare_input, read_url_list
 from pipeline.manifest import read_manifest
 from tests import webfaults

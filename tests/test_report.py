@@ -18,9 +18,9 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from training.evaluate import retrieval_metrics, zero_shot_metrics
-from training.brand import BrandProfile, roc_auc, roc_curve
-from training.report import brand_report, evaluation_report, format_evaluation, search_report
+from evaluation.evaluate import retrieval_metrics, zero_shot_metrics
+from evaluation.brand import BrandProfile, roc_auc, roc_curve
+from evaluation.report import brand_report, evaluation_report, format_evaluation, search_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed: "
@@ -39,7 +39,7 @@ def evaluation_metrics() -> dict:
     labels = (images @ classes.T + rng.normal(scale=2.0, size=(120, 6))).argmax(axis=1)
     names = ["animals", "food", "flags", "objects", "people", "symbols"]
     return {"model": "checkpoints/tiny", "data": "shards/val", "num_images": 120, "num_errors": 1,
-            "errors": {"corrupt_image": 1},
+            "errors": {"corrupt": 1},
             "zero_shot": {"label_field": "group", "templates": ["a photo of a {}."],
                           **zero_shot_metrics(images, labels, classes, names)},
             "retrieval": retrieval_metrics(images, texts)}
@@ -133,13 +133,13 @@ def test_brand_and_search_reports_render_thumbnails_roc_and_histograms(tmp_path:
              "nearest_reference": f"other-{i}.png", "nearest_reference_cosine": 0.8,
              "nearest_reference_thumbnail": thumbnail((160, 40, 160))} for i, p in enumerate(scored)]
     rows.append({"key": "bomb.png", "probability": None, "verdict": "error",
-                 "error": "too_many_pixels: declares 30000x30000", "thumbnail": None})
+                 "error": "decompression_bomb: declares 30000x30000", "thumbnail": None})
     summary = {"profile": "brand/profile", "model": "checkpoints/tiny", "images": "uploads", "on-brand": 20,
                "off-brand": 20, "error": 1, "threshold": 0.5}
     path = tmp_path / "brand.html"
     path.write_text(brand_report(summary, brand_profile(), scored, rows), encoding="utf-8")
     html = path.read_text()
-    assert 'alt="held-out ROC curve"' in html and 'alt="score histograms"' in html and "too_many_pixels" in html
+    assert 'alt="held-out ROC curve"' in html and 'alt="score histograms"' in html and "decompression_bomb" in html
     assert len(DATA_URI.findall(html)) == 2 + 3 * 12  # ROC + histograms; 6 least and 6 most on-brand, each explained
     image = screenshot(path, tmp_path)
     assert pixels_near(image, (214, 39, 40), tolerance=20) > 20, "reference histogram or operating point missing"

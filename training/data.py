@@ -40,10 +40,10 @@ from pathlib import Path
 
 import torch
 import webdataset as wds
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from pipeline import storage
 from pipeline.manifest import Manifest, tar_sample_offsets
+from pipeline.shards import tar_samples
 from pipeline.storage import StorageConfig
 from training.tokenizer import Tokenizer
 from training.transforms import style_draw, train_crop
@@ -121,12 +121,6 @@ def plan_epoch(manifest: Manifest, *, seed: int, epoch: int, rank: int, world_si
                                         _seed(seed, epoch, rank, role)))
         cursor += size
     return [plans_by_role[(j + start_step - yielded_before) % workers] for j in range(workers)]
-
-
-def tar_samples(stream, url: str, handler) -> Iterator[dict]:
-    """Samples ({"__key__", "jpg", "txt", "json"} bytes) of one open tar stream, via webdataset's tar readers."""
-    files = ({**f, "__url__": url} for f in tar_file_iterator(stream, handler=handler))
-    return group_by_keys(files, handler=handler)
 
 
 _FILESYSTEMS: dict[tuple, tuple[int, object]] = {}

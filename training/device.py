@@ -22,10 +22,9 @@ from typing import Literal
 
 import torch
 
+from pipeline.config import DeviceSetting, PrecisionSetting  # noqa: F401 - re-exported
 from pipeline.errors import UserError
 
-DeviceSetting = Literal["auto", "cpu", "cuda"]
-PrecisionSetting = Literal["auto", "bf16", "fp32"]
 Precision = Literal["bf16", "fp32"]
 
 

@@ -8,7 +8,6 @@ training process cuts, resizes and normalises whole batches on its device (`devi
 
 from __future__ import annotations
 
-import io
 import math
 import random
 
@@ -16,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from pipeline.images import decode  # the one bytes -> RGB decode, shared with the checked path of outside images
 
 try:  # libjpeg-turbo straight to a numpy array: 2-4x PIL's JPEG decode here (bench/loader.py); optional
     import simplejpeg
@@ -26,19 +27,6 @@ MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 _MEAN = torch.tensor(MEAN).view(3, 1, 1)
 _STD = torch.tensor(STD).view(3, 1, 1)
-
-
-def decode(data: bytes) -> Image.Image:
-    """Encoded image bytes -> RGB PIL image (raises on corrupt data)."""
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    if image.mode != "RGB":
-        if image.mode in ("RGBA", "LA", "P"):  # transparent pixels become white, as the catalog's are
-            image = image.convert("RGBA")
-            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(background, image)
-        image = image.convert("RGB")
-    return image
 
 
 def decode_array(data: bytes) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Commands of the evaluation layer: `clipforge embed`, `evaluate`, `brand build|score` and `search`.
+"""Commands of the evaluation layer: `clipforge embed`, `evaluate`, `brand build|score`, `search` and `filter`.
 
 Each command is a thin wrapper over one library function, whose typed config is the command's options. The CLI
 root registers the list `commands`.
@@ -9,11 +9,13 @@ from __future__ import annotations
 import click
 
 from pipeline.cli_options import config_command
-from training.brand import BrandBuildConfig, BrandScoreConfig, build_profile, score_images
-from training.embed import EmbedConfig, embed
-from training.evaluate import EvaluateConfig, evaluate, output_files
-from training.report import format_brand_profile, format_brand_summary, format_evaluation
-from training.search import SearchConfig, search
+from pipeline.filter import FilterConfig
+from evaluation.brand import BrandBuildConfig, BrandScoreConfig, build_profile, score_images
+from evaluation.embed import EmbedConfig, embed
+from evaluation.evaluate import EvaluateConfig, evaluate, output_files
+from evaluation.filtering import run_filter
+from evaluation.report import format_brand_profile, format_brand_summary, format_evaluation
+from evaluation.search import SearchConfig, search
 
 
 @config_command(EmbedConfig, "embed", required=("model", "data", "output"), help="""Embed images into a parquet
@@ -108,4 +110,25 @@ def search_command(config: SearchConfig) -> None:
 
 search_command.params.insert(0, click.Argument(["queries"], nargs=-1))  # positional queries -> SearchConfig.queries
 
-commands: list[click.Command] = [embed_command, evaluate_command, brand_group, search_command]
+@config_command(FilterConfig, "filter", required=("data", "output"), help="""Filter an ingested dataset into a new
+    one, like DataComp: caption and image rules, language, CLIP score, near-duplicates, decontamination against
+    evaluation sets. Every removed sample is counted under one reason (kept + removed = input) and listed in
+    removed.parquet; report.html shows counts, score histograms and removed examples. Re-running resumes.
+
+    \b
+    Examples:
+      clipforge filter --data .clipforge/data/openmoji-train --output .clipforge/data/openmoji-train-filtered \\
+          --min-words 2 --duplicate-hash-distance 4 --decontaminate .clipforge/data/openmoji-val
+      clipforge filter --data shards/ --output shards-clean/ --model checkpoints/final \\
+          --clip-score-top-fraction 0.3 --duplicate-similarity 0.95
+
+    Rules that need a model (CLIP score, embedding near-duplicates) run only with --model.""")
+def filter_command(config: FilterConfig) -> None:
+    manifest = run_filter(config)
+    summary = manifest.summary
+    removed = ", ".join(f"{reason} {count}" for reason, count in summary.failures.items()) or "none"
+    click.echo(f"kept {summary.successes} of {summary.input_rows} samples; removed: {removed}")
+    click.echo(f"wrote {manifest.location} (manifest.parquet, removed.parquet, decontaminated.parquet, report.html)")
+
+
+commands: list[click.Command] = [embed_command, evaluate_command, brand_group, search_command, filter_command]

@@ -1,6 +1,6 @@
 """Evaluation: zero-shot classification and image-text retrieval on an embedded evaluation set.
 
-`clipforge evaluate` embeds the evaluation images once (`training.embed`), then computes:
+`clipforge evaluate` embeds the evaluation images once (`evaluation.embed`), then computes:
 
 **Zero-shot classification.** Each class name is put into every prompt template ("a photo of a {}.", ...); the
 class's text embedding is the mean of the unit-length template embeddings, renormalised (template ensembling, as in
@@ -45,7 +45,7 @@ from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.storage import StorageConfig
 from training.device import DeviceSetting, PrecisionSetting, announce
-from training.embed import embed_location, encode_texts, error_counts, error_rows, valid_rows, vectors, write_embeddings
+from evaluation.embed import embed_location, encode_texts, error_counts, error_rows, valid_rows, vectors, write_embeddings
 from training.model import CLIP
 from training.tokenizer import Tokenizer
 
@@ -316,7 +316,7 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> dict[str, Any]:
         metrics["retrieval"] = retrieval_metrics(vectors(with_caption), text_emb, chunk_size=config.chunk_size)
     _write_text(config.output, "metrics.json", json.dumps(metrics, indent=2), config.storage)
     if config.report:
-        from training.report import evaluation_report
+        from evaluation.report import evaluation_report
 
         _write_text(config.output, "report.html", evaluation_report(metrics), config.storage)
     return metrics

@@ -2,7 +2,7 @@
 
 The search is exact: every query is compared with every image, a chunk of images at a time, and a running top-k is
 merged chunk by chunk, so memory is O(queries x (chunk + k)) however large the library. Scores are cosine
-similarities; ties go to the image that comes first in the table (the same rule as `training.evaluate`).
+similarities; ties go to the image that comes first in the table (the same rule as `evaluation.evaluate`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.storage import StorageConfig
 from training.device import DeviceSetting, PrecisionSetting, announce
-from training.embed import encode_texts, read_embeddings, table_info, valid_rows, vectors
+from evaluation.embed import encode_texts, read_embeddings, table_info, valid_rows, vectors
 
 
 class SearchConfig(Config):
@@ -89,7 +89,7 @@ def search(config: SearchConfig, progress: bool = False) -> list[dict[str, Any]]
                  "thumbnail": thumbnails[i]} for rank, (s, i) in enumerate(zip(row_scores, row_indices))]
         results.append({"query": query, "hits": hits})
     if config.output:
-        from training.report import search_report
+        from evaluation.report import search_report
 
         fs, path = storage.filesystem(config.output, config.storage)
         plain = [{"query": r["query"], "hits": [{k: v for k, v in h.items() if k != "thumbnail"} for h in r["hits"]]}

@@ -10,7 +10,7 @@ so a centroid of approved embeddings cannot tell them apart (held-out ROC AUC 0.
    vendor's artwork, and it only teaches "not these variations": real competitors' images are better references.
 2. **Features** (`features`): the image embedding, and/or style statistics of the image tower's early blocks (mean
    and standard deviation of each channel over the patch tokens: line, palette and texture, not content), read
-   through forward hooks (`training.embed.capture_blocks`); plus, with text `guidelines`, each image's zero-shot
+   through forward hooks (`evaluation.embed.capture_blocks`); plus, with text `guidelines`, each image's zero-shot
    cosine to them, as one more input whose weight is learned with the rest.
 3. **Scorer**: L2-regularised logistic regression (standardised features, classes weighted equally, the penalty
    chosen on an inner split of the fit part), fitted on the fit part of both sets (a stable hash of each key holds
@@ -51,9 +51,11 @@ from pipeline.catalog import COLOURS, SHAPES, TEXTURES, draw_synthetic_image
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.storage import StorageConfig
+from pipeline.tables import read_table
 from training.device import DeviceSetting, PrecisionSetting, announce, resolve_precision
-from training.embed import (embed_location, encode_texts, error_counts, error_rows, iter_samples,
-                            read_table, valid_rows, vectors, write_table)
+from pipeline.sources import iter_samples
+from evaluation.embed import (embed_location, encode_texts, error_counts, error_rows,
+                            valid_rows, vectors, write_table)
 
 PROFILE_FILE, SCORER_FILE, EXAMPLES_FILE = "profile.json", "scorer.npz", "examples.parquet"
 ON_BRAND, OFF_BRAND, ERROR = "on-brand", "off-brand", "error"
@@ -335,7 +337,7 @@ def load_profile(location: str, config: StorageConfig | None = None) -> BrandPro
     return BrandProfile(arrays["mean"], arrays["scale"], arrays["weights"], float(arrays["bias"]),
                         tuple(float(v) for v in arrays["platt"]), guideline if len(guideline) else None,
                         arrays["heldout_approved"], arrays["heldout_references"],
-                        read_table(storage.join(location, EXAMPLES_FILE), config), info)
+                        read_table(storage.join(location, EXAMPLES_FILE), config, "brand profile examples"), info)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -489,7 +491,7 @@ def build_profile(config: BrandBuildConfig, progress: bool = True) -> BrandProfi
     profile = BrandProfile(mean, scale, weights, bias, platt, guideline, heldout_approved, heldout_references,
                            examples, info)
     save_profile(profile, config.output, config.storage)
-    from training.report import brand_profile_report
+    from evaluation.report import brand_profile_report
 
     _save_bytes(config.output, "report.html", brand_profile_report(profile).encode(), config.storage)
     return profile
@@ -567,7 +569,7 @@ def score_images(config: BrandScoreConfig, progress: bool = True) -> dict[str, A
     }
     _save_bytes(config.output, "summary.json", json.dumps(summary, indent=2).encode(), config.storage)
     if config.report:
-        from training.report import brand_report
+        from evaluation.report import brand_report
 
         html = brand_report(summary, profile, probability[ok], scores.to_pylist())
         _save_bytes(config.output, "report.html", html.encode(), config.storage)
@@ -576,4 +578,4 @@ def score_images(config: BrandScoreConfig, progress: bool = True) -> dict[str, A
 
 def read_scores(location: str, config: StorageConfig | None = None) -> pa.Table:
     """The scores.parquet of a `score_images` output folder."""
-    return read_table(storage.join(location, "scores.parquet"), config)
+    return read_table(storage.join(location, "scores.parquet"), config, "scores table")

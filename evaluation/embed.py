@@ -1,18 +1,15 @@
 """Embedding: images and captions -> unit-length float32 vectors, computed under bf16 autocast and saved as parquet.
 
-Everything downstream (zero-shot evaluation, retrieval, brand profiles, image search) starts from the table this
-module writes, so a library is embedded once and reused. Images come from one of four kinds of location, told apart
-by `detect_source`:
+Everything downstream (zero-shot evaluation, retrieval, brand profiles, image search, the filter's CLIP score)
+starts from this module, so a library is embedded once and reused. Images come from any location `pipeline.sources`
+reads (an ingested dataset, an image list, a folder or s3:// prefix of images), or an embedding table this module
+wrote before (reused as is).
 
-- a dataset written by `clipforge ingest` (a folder or `s3://` prefix holding `manifest.parquet` and tar shards);
-- an image list: a `.parquet` / `.csv` / `.tsv` / `.jsonl` file with an `image` column (a path relative to the
-  list, an absolute path, `s3://...` or `http(s)://...`) and any label columns (`label`, `caption`, ...);
-- a folder or `s3://` prefix of image files (found recursively by extension);
-- an embedding table this module wrote before (reused as is).
-
-Images from outside (uploads, generated images) are checked before they are decoded: file size and declared pixel
-count are capped, and a corrupt or non-image file becomes a row with an `error` and no embedding, never an
-exception, so nothing else in the batch is lost. The table's columns: `key`, `embedding`
+Images from outside (uploads, generated images) are checked by `pipeline.images` before they are decoded: file size
+and declared pixel count are capped, and a corrupt or non-image file becomes a row with an `error` (`<reason>:
+<detail>`, with ingest's reason names: too_large, not_an_image, decompression_bomb, corrupt, truncated; and
+missing_image, unreadable, corrupt_shard for a source that yields no bytes) and no embedding, never an exception, so
+nothing else in the batch is lost. The table's columns: `key`, `embedding`
 (fixed_size_list<float32>[D], null on error rows), `error`, `caption`, `source`, `thumbnail` (small JPEG, optional)
 and every field of a shard's json or an image list's other columns. The model location and kind are stored in the
 parquet metadata under `clipforge.embeddings`.
@@ -23,39 +20,33 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import posixpath
-import tarfile
-import urllib.request
-import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv
-import pyarrow.json
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pydantic import Field
 from tqdm import tqdm
 
 from pipeline import storage
 from pipeline.config import Config
 from pipeline.errors import UserError
-from pipeline.manifest import MANIFEST_NAME, read_manifest
+from pipeline.failures import Fault
+from pipeline.images import decode_checked
+from pipeline.sources import Sample, count_samples, error_text, iter_samples
 from pipeline.storage import StorageConfig
 from training.device import DeviceSetting, PrecisionSetting, announce, autocast, resolve_precision
 from training.model import CLIP
 from training.tokenizer import Tokenizer
-from training.transforms import center_crop, decode, to_tensor
+from training.transforms import center_crop, to_tensor
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
-LIST_EXTENSIONS = (".parquet", ".csv", ".tsv", ".jsonl")
 METADATA_KEY = b"clipforge.embeddings"
 # columns this module owns; a shard json field or list column of the same name is not copied over them
 RESERVED_COLUMNS = ("key", "embedding", "error", "caption", "source", "thumbnail")
@@ -67,8 +58,8 @@ class EmbedConfig(Config):
     model: str
     """Checkpoint location (a folder or s3://...) written by `clipforge train` or `save_checkpoint`."""
     data: str
-    """Images: an ingested dataset (has manifest.parquet), an image list (.parquet/.csv/.tsv/.jsonl with an `image`
-    column), or a folder / s3:// prefix of image files."""
+    """Images: an ingested dataset (has manifest.parquet), an image list (.parquet/.csv/.tsv/.jsonl/.json with an
+    `image` column), or a folder / s3:// prefix of image files."""
     output: str
     """Where the embedding table is written: a .parquet file path, local or s3://."""
     image_column: str = "image"
@@ -85,194 +76,10 @@ class EmbedConfig(Config):
     max_image_bytes: int = Field(20_000_000, gt=0)
     """Files larger than this many bytes are rejected (error row `too_large`) without being decoded."""
     max_image_pixels: int = Field(50_000_000, gt=0)
-    """Images declaring more than width x height pixels are rejected before decoding (decompression bombs)."""
+    """Images declaring more than width x height pixels are rejected before decoding (error row
+    `decompression_bomb`)."""
     storage: StorageConfig = StorageConfig()
     """How to reach object storage for s3:// locations."""
-
-
-@dataclass
-class Sample:
-    """One image on its way to the model; `error` set means it could not even be read."""
-
-    key: str
-    source: str
-    data: bytes | None
-    caption: str | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)
-    error: str | None = None
-
-
-class ImageRejected(Exception):
-    """An image that will not be embedded; the message is the error row's reason (`kind: detail`)."""
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# 1. Where images come from
-
-
-def detect_source(location: str, config: StorageConfig | None = None) -> Literal["embeddings", "list", "shards", "images"]:
-    """Which kind of location this is (see the module docstring); raises `UserError` if it does not exist."""
-    lower = location.lower()
-    if lower.endswith(".parquet") and is_embedding_table(location, config):
-        return "embeddings"
-    if lower.endswith(LIST_EXTENSIONS):
-        return "list"
-    fs, path = storage.filesystem(location, config)
-    with storage.storage_errors(location, config):
-        if fs.exists(posixpath.join(path, MANIFEST_NAME)):
-            return "shards"
-        if not fs.exists(path):
-            raise UserError(f"{location} does not exist")
-    return "images"
-
-
-def _split_key(name: str) -> tuple[str, str]:
-    """WebDataset convention: `dir/0000012.jpg` -> ("dir/0000012", "jpg"); the extension starts at the first dot."""
-    directory, base = posixpath.split(name)
-    stem, _, extension = base.partition(".")
-    return posixpath.join(directory, stem), extension.lower()
-
-
-def iter_shards(location: str, config: StorageConfig | None = None, max_image_bytes: int | None = None) -> Iterator[Sample]:
-    """Samples of a dataset written by `clipforge ingest`, shard by shard; a corrupt shard becomes one error row."""
-    for url in read_manifest(location, config).shard_urls():
-        fs, path = storage.filesystem(url, config)
-        current: Sample | None = None
-        try:
-            with storage.storage_errors(url, config), fs.open(path, "rb") as file, tarfile.open(fileobj=file, mode="r|") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    key, extension = _split_key(member.name)
-                    if current is None or current.key != key:
-                        if current is not None:
-                            yield current
-                        current = Sample(key=key, source=f"{url}#{key}", data=None)
-                    if extension in ("jpg", "jpeg", "png", "webp") and max_image_bytes and member.size > max_image_bytes:
-                        current.error = f"too_large: {member.size:,} bytes, above the limit of {max_image_bytes:,}"
-                        continue
-                    content = tar.extractfile(member).read()
-                    if extension in ("jpg", "jpeg", "png", "webp"):
-                        current.data = content
-                    elif extension == "txt":
-                        current.caption = content.decode("utf-8", errors="replace")
-                    elif extension == "json":
-                        current.metadata = json.loads(content)
-        except (tarfile.TarError, json.JSONDecodeError, EOFError) as err:
-            yield Sample(key=url, source=url, data=None, error=f"corrupt_shard: {type(err).__name__}: {err}")
-        if current is not None:
-            yield current
-
-
-def list_image_files(location: str, config: StorageConfig | None = None) -> list[tuple[str, str, int]]:
-    """(key, path inside the filesystem, size in bytes) of every image file under `location`, sorted by key."""
-    fs, root = storage.filesystem(location, config)
-    with storage.storage_errors(location, config):
-        if fs.isfile(root):
-            return [(posixpath.basename(root), root, fs.size(root))]
-        found = fs.find(root, detail=True)
-    files = []
-    for path, info in found.items():
-        if path.lower().endswith(IMAGE_EXTENSIONS):
-            key = posixpath.relpath(path, root) if not storage.is_remote(location) else path[len(root):].lstrip("/")
-            files.append((key, path, int(info.get("size") or 0)))
-    return sorted(files)
-
-
-def iter_image_files(location: str, config: StorageConfig | None = None, max_image_bytes: int | None = None) -> Iterator[Sample]:
-    """Samples of every image file under a folder or s3:// prefix; oversized and unreadable files are error rows."""
-    files = list_image_files(location, config)
-    if not files:
-        raise UserError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {location}")
-    fs, _ = storage.filesystem(location, config)
-    for key, path, size in files:
-        source = storage.join(location, key) if key != posixpath.basename(location) else location
-        if max_image_bytes and size > max_image_bytes:
-            yield Sample(key, source, None, error=f"too_large: {size:,} bytes, above the limit of {max_image_bytes:,}")
-            continue
-        try:
-            yield Sample(key, source, fs.cat_file(path))
-        except OSError as err:
-            yield Sample(key, source, None, error=f"unreadable: {type(err).__name__}: {err}")
-
-
-def read_table(location: str, config: StorageConfig | None = None) -> pa.Table:
-    """A .parquet / .csv / .tsv / .jsonl file as a table (local or s3://)."""
-    fs, path = storage.pyarrow_filesystem(location, config)
-    lower = location.lower()
-    with storage.storage_errors(location, config):
-        try:
-            if lower.endswith(".parquet"):
-                return pq.read_table(path, filesystem=fs)
-            with fs.open_input_stream(path) as stream:
-                if lower.endswith(".jsonl"):
-                    return pyarrow.json.read_json(stream)
-                delimiter = "\t" if lower.endswith(".tsv") else ","
-                return pyarrow.csv.read_csv(stream, parse_options=pyarrow.csv.ParseOptions(delimiter=delimiter))
-        except pa.ArrowInvalid as err:
-            raise UserError(f"cannot read {location}: {str(err).splitlines()[0]}") from None
-
-
-def _read_location(location: str, config: StorageConfig | None, max_bytes: int | None, timeout: float = 30.0) -> bytes:
-    if location.startswith(("http://", "https://")):
-        with urllib.request.urlopen(location, timeout=timeout) as response:  # noqa: S310 - the user's own list
-            data = response.read((max_bytes or 0) + 1 if max_bytes else -1)
-    else:
-        fs, path = storage.filesystem(location, config)
-        if max_bytes and fs.size(path) > max_bytes:
-            data = b"\0" * (max_bytes + 1)  # only its size matters: it is rejected as too large below
-        else:
-            data = fs.cat_file(path)
-    if max_bytes and len(data) > max_bytes:
-        raise ImageRejected(f"too_large: more than {max_bytes:,} bytes")
-    return data
-
-
-def iter_image_list(location: str, config: StorageConfig | None = None, image_column: str = "image",
-                    max_image_bytes: int | None = None) -> Iterator[Sample]:
-    """Samples of an image list; relative image paths are read beside the list; other columns become metadata."""
-    table = read_table(location, config)
-    if image_column not in table.column_names:
-        raise UserError(f"{location} has no column {image_column!r} (columns: {', '.join(table.column_names)}); "
-                        "set --image-column")
-    base = posixpath.dirname(location) if storage.is_remote(location) else os.path.dirname(storage.absolute(location))
-    for index, row in enumerate(table.to_pylist()):
-        image = str(row.pop(image_column) or "")
-        caption = row.pop("caption", None)
-        absolute = image.startswith(("/", "s3://", "http://", "https://"))
-        source = image if absolute else storage.join(base, image)
-        key = str(row.pop("key", None) or image or index)
-        sample = Sample(key, source, None, caption=caption, metadata=row)
-        try:
-            sample.data = _read_location(source, config, max_image_bytes)
-        except ImageRejected as err:
-            sample.error = str(err)
-        except (OSError, UserError, ValueError) as err:  # urllib errors are OSErrors
-            sample.error = f"unreadable: {type(err).__name__}: {err}"
-        yield sample
-
-
-def iter_samples(location: str, config: StorageConfig | None = None, image_column: str = "image",
-                 max_image_bytes: int | None = None) -> Iterator[Sample]:
-    """Samples from any image location (see `detect_source`)."""
-    kind = detect_source(location, config)
-    if kind == "shards":
-        return iter_shards(location, config, max_image_bytes)
-    if kind == "list":
-        return iter_image_list(location, config, image_column, max_image_bytes)
-    if kind == "images":
-        return iter_image_files(location, config, max_image_bytes)
-    raise UserError(f"{location} is already an embedding table: pass the images it was made from")
-
-
-def count_samples(location: str, config: StorageConfig | None = None) -> int | None:
-    """How many samples a location holds when that is cheap to know (for the progress bar), else None."""
-    kind = detect_source(location, config)
-    if kind == "shards":
-        return read_manifest(location, config).num_samples
-    if kind == "list":
-        return read_table(location, config).num_rows
-    return len(list_image_files(location, config))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -280,28 +87,12 @@ def count_samples(location: str, config: StorageConfig | None = None) -> int | N
 
 
 def load_image(data: bytes, image_size: int, max_image_bytes: int, max_image_pixels: int) -> tuple[torch.Tensor, Image.Image]:
-    """Bytes -> ((3, S, S) model input, the centre-cropped PIL image); raises `ImageRejected` with the reason.
+    """Bytes -> ((3, S, S) model input, the centre-cropped PIL image); raises `Fault` with the reason.
 
-    The header is read first: a file declaring more than `max_image_pixels` pixels is never decompressed.
+    The header is checked first (`pipeline.images.decode_checked`): a file declaring more than `max_image_pixels`
+    pixels is never decompressed.
     """
-    if len(data) > max_image_bytes:
-        raise ImageRejected(f"too_large: {len(data):,} bytes, above the limit of {max_image_bytes:,}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            with Image.open(io.BytesIO(data)) as probe:
-                width, height = probe.size
-        except Image.DecompressionBombError as err:
-            raise ImageRejected(f"too_many_pixels: {err}") from None
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-            raise ImageRejected(f"not_an_image: {type(err).__name__}: {err}") from None
-        if width * height > max_image_pixels:
-            raise ImageRejected(f"too_many_pixels: declares {width}x{height} = {width * height:,} pixels, "
-                                f"above the limit of {max_image_pixels:,}")
-        try:
-            image = center_crop(decode(data), image_size)
-        except Exception as err:  # noqa: BLE001 - PIL raises many types for truncated or corrupt data
-            raise ImageRejected(f"corrupt_image: {type(err).__name__}: {err}") from None
+    image = center_crop(decode_checked(data, max_image_bytes, max_image_pixels), image_size)
     return to_tensor(image), image
 
 
@@ -418,16 +209,16 @@ def embed_samples(model: CLIP, samples: Iterable[Sample], batch_size: int = 128,
             rows.append(row)
             vectors.append(None)
             styles.append(None)
-            if row["error"] is None:
+            if row["error"] is None and sample.data is None:
+                row["error"] = "missing_image: the sample has no image file"
+            elif row["error"] is None:
                 try:
-                    if sample.data is None:
-                        raise ImageRejected("missing_image: the sample has no image file")
                     tensor, image = load_image(sample.data, image_size, max_image_bytes, max_image_pixels)
                     pending.append((len(rows) - 1, tensor))
                     if thumbnail_size:
                         row["thumbnail"] = _thumbnail(image, thumbnail_size)
-                except ImageRejected as err:
-                    row["error"] = str(err)
+                except Fault as err:
+                    row["error"] = error_text(err)
             if len(pending) >= batch_size:
                 flush()
         flush()
@@ -549,7 +340,7 @@ def embed_location(model: CLIP, location: str, model_location: str = "", config:
                    thumbnail_size: int = 64, max_image_bytes: int = 20_000_000, max_image_pixels: int = 50_000_000,
                    progress: bool = True, style_blocks: tuple[int, ...] = ()) -> pa.Table:
     """The embedding table of any image location; an existing embedding table is read, not recomputed."""
-    if detect_source(location, config) == "embeddings":
+    if location.lower().endswith(".parquet") and is_embedding_table(location, config):
         table = read_embeddings(location, config)
         if style_blocks and table_info(table).get("style_blocks") != list(style_blocks):
             raise UserError(f"{location} holds no style statistics of blocks {list(style_blocks)}: pass the images")

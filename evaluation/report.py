@@ -349,3 +349,32 @@ def search_report(index: str, results: list[dict[str, Any]]) -> str:
                  for hit in result["hits"]]
         sections.append((f"“{result['query']}”", _thumbnail_grid(items)))
     return _page(f"clipforge search: {index}", sections)
+
+
+def clip_score_histogram(kept: np.ndarray, removed: np.ndarray) -> str:
+    """Histograms of the pairs' CLIP score (image-caption cosine), kept against removed."""
+    figure, axes = plt.subplots(figsize=(8, 3.4))
+    values = np.concatenate([kept, removed])
+    bins = np.linspace(values.min(), values.max(), 41) if len(values) else 40
+    axes.hist(kept, bins=bins, alpha=0.6, color="#2ca02c", label=f"kept ({len(kept)})")
+    axes.hist(removed, bins=bins, alpha=0.6, color="#d62728", label=f"removed by any rule ({len(removed)})")
+    axes.set_xlabel("CLIP score (cosine of the image and its caption)")
+    axes.set_ylabel("pairs")
+    axes.legend(fontsize=8)
+    return figure_data_uri(figure)
+
+
+def filter_report(summary: Any, rules: dict[str, Any], scores: dict[str, np.ndarray],
+                  examples: dict[str, list[tuple[bytes | None, str]]]) -> str:
+    """The HTML page of `clipforge filter`: counts per reason, the settings, score histograms, removed examples."""
+    total = summary.input_rows or 1
+    rows = [("kept", summary.successes, f"{summary.successes / total:.1%}")]
+    rows += [(reason, count, f"{count / total:.1%}") for reason, count in summary.failures.items()]
+    rows.append(("input", summary.input_rows, "100%"))
+    sections = [("Samples by outcome", _table(("outcome", "samples", "share"), rows)),
+                ("Rules", _table(("setting", "value"), [(k, v) for k, v in rules.items() if v not in (None, [], ())]))]
+    if scores and len(scores["kept"]) + len(scores["removed"]):
+        sections.append(("CLIP score", _img(clip_score_histogram(scores["kept"], scores["removed"]), "CLIP score")))
+    for reason, items in examples.items():
+        sections.append((f"Removed: {reason}", _thumbnail_grid([(data, html.escape(text)) for data, text in items])))
+    return _page("clipforge filter", sections)

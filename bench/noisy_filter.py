@@ -1,0 +1,228 @@
+"""Filtering a catalog made noisy on purpose: what the filter removes, what it keeps, and what that buys in training.
+
+    python bench/noisy_filter.py --score-steps 400 --steps 300
+
+1. The bundled OpenMoji catalog's training split is cut by emoji family (skin-tone variants stay together): a clean
+   `--seed-fraction` (default 30 %) trains the CLIP-score model, as a user would start from a small curated set;
+   the rest becomes a noisy "crawl": 30 % of its captions swapped between images, 20 % of its pairs copied again
+   with a small crop (85-95 % of the side) or a colour change (hue turned, saturation and brightness changed), and
+   every validation image copied in with its caption. Each row carries its `truth` (clean, swapped, near_duplicate,
+   validation_copy) in the URL list, so ingest keeps it in the sample's json.
+2. The seed part and the noisy crawl are served over loopback HTTP and ingested by `clipforge ingest`; the scoring
+   model is trained on the seed part by `train_loop` (as `clipforge train` runs it), with the demo's recipe.
+3. `clipforge filter` (with that model) removes pairs by CLIP score (`--clip-score-top-fraction`), near-duplicates
+   by embedding and perceptual hash (same caption), and copies of validation images; the script counts, per truth,
+   the share removed, and the CLIP-score AUC of clean against swapped pairs.
+4. Two models train for the same `--steps` on the unfiltered and on the filtered crawl; each is evaluated on the
+   validation split (text-to-image R@10 and zero-shot group accuracy).
+
+Prints one JSON line (`--results FILE` appends it). Shards, the scoring model and runs are kept under `--workdir`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from PIL import Image, ImageEnhance
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from bench.cross_style import evaluation_list, summary  # noqa: E402
+from bench.recipe import train_and_evaluate  # noqa: E402
+from evaluation.filtering import model_embedder  # noqa: E402
+from pipeline.catalog import CATALOG_FILE, build_openmoji_catalog, read_catalog, serve_catalogs  # noqa: E402
+from pipeline.filter import FilterConfig, filter_dataset  # noqa: E402
+from pipeline.ingest import IngestConfig, ingest  # noqa: E402
+from pipeline.manifest import MANIFEST_NAME  # noqa: E402
+from pipeline.shards import iter_dataset  # noqa: E402
+from training.train import TrainConfig  # noqa: E402
+
+TRUTHS = ("clean", "swapped", "near_duplicate", "validation_copy")
+
+
+def _fraction_of(text: str, seed: int) -> float:
+    """A stable pseudo-random number in [0, 1) for `text` (the family's split draw)."""
+    return int(hashlib.sha256(f"{seed}:{text}".encode()).hexdigest()[:8], 16) / 16**8
+
+
+def perturbed(image: Image.Image, rng: random.Random) -> Image.Image:
+    """A near-copy: a small crop resized back, or the colours changed (hue turned, saturation and brightness)."""
+    width, height = image.size
+    if rng.random() < 0.5:
+        scale = rng.uniform(0.85, 0.95)
+        w, h = round(width * scale), round(height * scale)
+        left, top = rng.randint(0, width - w), rng.randint(0, height - h)
+        return image.crop((left, top, left + w, top + h)).resize((width, height), Image.BICUBIC)
+    hue, saturation, value = image.convert("HSV").split()
+    hue = hue.point(lambda v, turn=rng.randint(20, 60): (v + turn) % 256)
+    recoloured = Image.merge("HSV", (hue, saturation, value)).convert("RGB")
+    recoloured = ImageEnhance.Color(recoloured).enhance(rng.uniform(0.7, 1.3))
+    return ImageEnhance.Brightness(recoloured).enhance(rng.uniform(0.9, 1.1))
+
+
+def noisy_catalogs(catalog: Path, workdir: Path, seed_fraction: float, swap: float, copies: float,
+                   seed: int) -> tuple[Path, Path]:
+    """Two catalog folders (built once): the clean seed part and the noisy crawl (with the validation split)."""
+    seed_dir, crawl_dir = workdir / "seed-catalog", workdir / "crawl-catalog"
+    if (seed_dir / CATALOG_FILE).exists() and (crawl_dir / CATALOG_FILE).exists():
+        return seed_dir, crawl_dir
+    table = read_catalog(catalog)
+    rows = table.to_pylist()
+    train = [r for r in rows if r["split"] == "train"]
+    val = [r for r in rows if r["split"] == "val"]
+    seed_rows = [r for r in train if _fraction_of(r["base"], seed) < seed_fraction]
+    crawl = [dict(r, truth="clean") for r in train if _fraction_of(r["base"], seed) >= seed_fraction]
+    rng = random.Random(seed)
+
+    swapped = sorted(rng.sample(range(len(crawl)), round(swap * len(crawl))))
+    rotated = swapped[1:] + swapped[:1]  # each swapped row takes the next one's captions: none keeps its own
+    originals = [(crawl[i]["caption"], crawl[i]["captions"]) for i in swapped]
+    for target, (caption, captions) in zip(rotated, originals):
+        crawl[target].update(caption=caption, captions=captions, truth="swapped")
+
+    for folder in (seed_dir, crawl_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / "images").exists():
+            (folder / "images").symlink_to((catalog / "images").resolve())
+    (crawl_dir / "copies").mkdir(exist_ok=True)
+    extra = []
+    for number, i in enumerate(sorted(rng.sample(range(len(crawl)), round(copies * len(crawl))))):
+        row = crawl[i]
+        with Image.open(catalog / row["image"]) as image:
+            path = f"copies/{number:05d}.png"
+            perturbed(image.convert("RGB"), rng).save(crawl_dir / path)
+        extra.append(dict(row, image=path, truth="near_duplicate" if row["truth"] == "clean" else row["truth"]))
+    extra += [dict(r, split="train", truth="validation_copy") for r in val]
+    crawl_rows = crawl + extra + [dict(r, truth="held_out") for r in val]
+
+    def write(folder: Path, table_rows: list[dict]) -> None:
+        columns = {name: [r.get(name) for r in table_rows] for name in table_rows[0]}
+        pq.write_table(pa.table(columns).replace_schema_metadata(table.schema.metadata), folder / CATALOG_FILE)
+
+    write(seed_dir, [dict(r, truth="clean") for r in seed_rows] + [dict(r, truth="held_out") for r in val])
+    write(crawl_dir, crawl_rows)
+    return seed_dir, crawl_dir
+
+
+def ingested(name: str, folder: Path, workdir: Path) -> tuple[str, str]:
+    """(train dataset, val dataset) of a catalog folder, ingested over loopback HTTP once."""
+    train, val = workdir / "data" / f"{name}-train", workdir / "data" / f"{name}-val"
+    if not (train / MANIFEST_NAME).exists() or not (val / MANIFEST_NAME).exists():
+        with serve_catalogs({name: folder}, workdir / "lists" / name) as url_lists:
+            for split, output in (("train", train), ("val", val)):
+                ingest(IngestConfig(urls=str(url_lists[split]), output=str(output), min_success_rate=0.95),
+                       progress=False)
+    return str(train), str(val)
+
+
+def truths(dataset: str) -> dict[str, str]:
+    """{sample key: its truth} of an ingested crawl."""
+    return {s["__key__"]: json.loads(s["json"])["truth"] for s in iter_dataset(dataset)}
+
+
+def roc_auc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """P(a random positive scores above a random negative), ties counted half."""
+    order = np.concatenate([positive, negative]).argsort(kind="stable").argsort() + 1.0
+    ranks = order[: len(positive)]
+    return float((ranks.sum() - len(positive) * (len(positive) + 1) / 2) / (len(positive) * len(negative)))
+
+
+def recipe(data: str, steps: int, seed: int) -> TrainConfig:
+    """The demo's recipe (small preset, patch dropout 0.5, caption lists) for `steps` steps."""
+    return TrainConfig(data=data, preset="small", steps=steps, batch_size=128, lr=5e-4, warmup_steps=20,
+                       patch_dropout=0.5, seed=seed)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default=".clipforge/noisy-filter")
+    parser.add_argument("--seed-fraction", type=float, default=0.3, help="clean share that trains the scoring model")
+    parser.add_argument("--swap", type=float, default=0.3, help="share of the crawl's captions swapped")
+    parser.add_argument("--copies", type=float, default=0.2, help="share of the crawl copied again, perturbed")
+    parser.add_argument("--score-steps", type=int, default=400, help="training steps of the scoring model")
+    parser.add_argument("--steps", type=int, default=300, help="training steps of each compared model")
+    parser.add_argument("--clip-score-top-fraction", type=float, default=0.7)
+    parser.add_argument("--duplicate-similarity", type=float, default=0.9)
+    parser.add_argument("--duplicate-hash-distance", type=int, default=8)
+    parser.add_argument("--contamination-similarity", type=float, default=0.95)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-training", action="store_true", help="stop after filtering (no comparison runs)")
+    parser.add_argument("--results", default=None, help="append the JSON line to this file too")
+    args = parser.parse_args()
+
+    workdir = Path(args.workdir).resolve()
+    catalog = build_openmoji_catalog(workdir / "catalog" / "openmoji")
+    seed_dir, crawl_dir = noisy_catalogs(catalog, workdir, args.seed_fraction, args.swap, args.copies, args.seed)
+    seed_train, _ = ingested("seed", seed_dir, workdir)
+    crawl_train, crawl_val = ingested("crawl", crawl_dir, workdir)
+    val_list = evaluation_list(workdir, "openmoji-val", catalog, "val")
+
+    scorer = workdir / "scoring-model"
+    if not (scorer / "model.safetensors").exists():
+        seconds, metrics = train_and_evaluate(recipe(seed_train, args.score_steps, args.seed), {"val": val_list},
+                                              keep_model=scorer)
+        (scorer / "bench.json").write_text(json.dumps({"train_seconds": round(seconds), **summary(metrics["val"])}))
+    scorer_info = json.loads((scorer / "bench.json").read_text())
+
+    config = FilterConfig(data=crawl_train, output=str(workdir / "data" / "crawl-filtered"), model=str(scorer),
+                          clip_score_top_fraction=args.clip_score_top_fraction,
+                          duplicate_similarity=args.duplicate_similarity,
+                          duplicate_hash_distance=args.duplicate_hash_distance, decontaminate=(crawl_val,),
+                          contamination_similarity=args.contamination_similarity)
+    shutil.rmtree(config.output, ignore_errors=True)  # the rules may have changed since the last run
+    started = time.perf_counter()
+    manifest = filter_dataset(config, model_embedder(config), progress=False)
+    filter_seconds = time.perf_counter() - started
+
+    truth = truths(crawl_train)
+    decisions = pq.read_table(Path(config.output) / "_filter" / "decisions.parquet")
+    reason = dict(zip(decisions["key"].to_pylist(), decisions["reason"].to_pylist()))
+    outcome: dict[str, dict[str, int]] = {t: {} for t in TRUTHS}
+    for key, kind in truth.items():
+        outcome[kind][reason[key] or "kept"] = outcome[kind].get(reason[key] or "kept", 0) + 1
+    removed_share = {kind: round(1 - counts.get("kept", 0) / max(1, sum(counts.values())), 4)
+                     for kind, counts in outcome.items()}
+    scan = pa.concat_tables([pq.read_table(p) for p in sorted((Path(config.output) / "_filter" / "scan").glob("*.parquet"))])
+    score = dict(zip(scan["key"].to_pylist(), scan["clip_score"].to_pylist()))
+    clean = np.array([score[k] for k, t in truth.items() if t == "clean" and score[k] is not None])
+    swapped = np.array([score[k] for k, t in truth.items() if t == "swapped" and score[k] is not None])
+
+    result = {"recipe": {k: v for k, v in vars(args).items() if k not in ("workdir", "results")},
+              "cpu": _cpu(), "threads": torch.get_num_threads(), "scoring_model": scorer_info,
+              "crawl": {kind: sum(counts.values()) for kind, counts in outcome.items()},
+              "outcome": outcome, "removed_share": removed_share, "kept_clean_share": round(1 - removed_share["clean"], 4),
+              "clip_score_auc_clean_vs_swapped": round(roc_auc(clean, swapped), 4),
+              "filter_seconds": round(filter_seconds, 1), "kept": manifest.summary.successes,
+              "input": manifest.summary.input_rows}
+    if not args.skip_training:
+        for name, data in (("unfiltered", crawl_train), ("filtered", config.output)):
+            seconds, metrics = train_and_evaluate(recipe(data, args.steps, args.seed), {"val": val_list})
+            result[name] = {"train_seconds": round(seconds), **summary(metrics["val"])}
+    line = json.dumps(result)
+    print(line)
+    if args.results:
+        with open(args.results, "a", encoding="utf-8") as file:
+            file.write(line + "\n")
+
+
+def _cpu() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""`clipforge filter` with a model: the CLIP-score and embedding rules of `pipeline.filter`, and the filter's report.
+
+`pipeline.filter` owns the rules, the accounting and the shards; it asks an `Embedder` for embeddings. This module
+gives it one made of a clipforge checkpoint, through the same embedding path as `clipforge embed` (the same checks,
+crop and autocast), and writes `report.html` beside the filtered dataset: counts per rule, the CLIP-score histogram
+of kept and removed pairs, and thumbnails of removed pairs per reason.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from pipeline import storage
+from pipeline.filter import WORK_DIR, FilterConfig, filter_dataset
+from pipeline.manifest import Manifest, read_manifest
+from pipeline.shards import iter_shard, sample_image
+from evaluation.embed import encode_images, encode_texts, load_image
+from training.model import CLIP
+from training.tokenizer import Tokenizer
+
+
+class ModelEmbedder:
+    """A clipforge model as `pipeline.filter.Embedder`: unit image and caption embeddings."""
+
+    def __init__(self, model: CLIP, tokenizer: Tokenizer, precision: str = "auto", max_image_bytes: int = 20_000_000,
+                 max_image_pixels: int = 50_000_000):
+        self.model, self.tokenizer, self.precision = model, tokenizer, precision
+        self.max_image_bytes, self.max_image_pixels = max_image_bytes, max_image_pixels
+
+    def images(self, images: list[bytes]) -> np.ndarray:
+        size = self.model.config.image_size
+        batch = torch.stack([load_image(data, size, self.max_image_bytes, self.max_image_pixels)[0] for data in images])
+        return encode_images(self.model, batch, self.precision)  # (B, D)
+
+    def texts(self, texts: list[str]) -> np.ndarray:
+        return encode_texts(self.model, self.tokenizer, texts, precision=self.precision)  # (B, D)
+
+
+def model_embedder(config: FilterConfig) -> ModelEmbedder | None:
+    """The embedder of `config.model` on the machine's device, or None when no rule needs one."""
+    if config.model is None:
+        return None
+    from training.checkpoint import load_model
+    from training.device import announce
+
+    model, tokenizer = load_model(config.model, config.storage, announce("filter", config.device, config.precision)[0])
+    return ModelEmbedder(model, tokenizer, config.precision, config.max_image_bytes, config.max_image_pixels)
+
+
+def run_filter(config: FilterConfig, progress: bool = True) -> Manifest:
+    """`clipforge filter`: filter the dataset, then write its report.html."""
+    manifest = filter_dataset(config, model_embedder(config), progress)
+    write_filter_report(config.output, config)
+    return manifest
+
+
+def _read(location: str, name: str, config: FilterConfig) -> pa.Table | None:
+    fs, path = storage.filesystem(location, config.storage)
+    target = posixpath.join(path, name)
+    if not fs.exists(target):
+        return None
+    with fs.open(target, "rb") as f:
+        return pq.read_table(f)
+
+
+def removed_examples(config: FilterConfig, per_reason: int = 8) -> dict[str, list[tuple[bytes | None, str]]]:
+    """Up to `per_reason` removed samples of each reason: (image bytes, "caption — detail")."""
+    removed = _read(config.output, "removed.parquet", config)
+    if removed is None or not removed.num_rows:
+        return {}
+    wanted: dict[tuple[int, int], tuple[str, str]] = {}
+    for reason in sorted(set(removed["reason"].to_pylist())):
+        for row in removed.filter(pc.equal(removed["reason"], reason)).slice(0, per_reason).to_pylist():
+            wanted[(row["shard"], row["index"])] = (reason, row["detail"] or "")
+    source = read_manifest(config.data, config.storage)
+    examples: dict[str, list[tuple[bytes | None, str]]] = {}
+    for info in source.shards:
+        indices = {index for shard, index in wanted if shard == info.shard}
+        if not indices:
+            continue
+        for index, sample in enumerate(iter_shard(storage.join(source.location, info.path), config.storage)):
+            if index in indices:
+                reason, detail = wanted[(info.shard, index)]
+                caption = sample.get("txt", b"").decode("utf-8", errors="replace")
+                examples.setdefault(reason, []).append((sample_image(sample), f"{caption} — {detail}"))
+    return examples
+
+
+def write_filter_report(location: str, config: FilterConfig) -> str:
+    """report.html of a filtered dataset at `location`: counts per rule, score histograms, removed examples."""
+    from evaluation.report import filter_report
+
+    manifest = read_manifest(location, config.storage)
+    scans = [t for t in (_read(location, posixpath.join(WORK_DIR, "scan", f"{s.shard:05d}.parquet"), config)
+                         for s in manifest.shards) if t is not None]
+    decisions = _read(location, posixpath.join(WORK_DIR, "decisions.parquet"), config)
+    scores: dict[str, Any] = {}
+    if scans and decisions is not None and "clip_score" in scans[0].column_names:
+        score = pa.concat_tables([t.select(["key", "clip_score"]) for t in scans])
+        kept = set(decisions.filter(pc.is_null(decisions["reason"]))["key"].to_pylist())
+        values = score["clip_score"].to_numpy(zero_copy_only=False)
+        is_kept = np.array([k in kept for k in score["key"].to_pylist()])
+        scores = {"kept": values[is_kept & ~np.isnan(values)], "removed": values[~is_kept & ~np.isnan(values)]}
+    page = filter_report(manifest.summary, config.rules(), scores, removed_examples(config))
+    fs, path = storage.filesystem(location, config.storage)
+    fs.pipe_file(posixpath.join(path, "report.html"), page.encode())
+    return storage.join(location, "report.html")
