@@ -270,7 +270,7 @@ def run_filter(args: argparse.Namespace, data: Path, tokenizer_path: Path | None
         setattr(filter_module, attribute, timers.wrap(name, getattr(filter_module, attribute)))
 
     start = time.perf_counter()
-    manifest = filter_dataset(config, embedder, progress=False)
+    manifest = filter_dataset(config, (lambda: embedder) if embedder is not None else None, progress=False)
     seconds = time.perf_counter() - start
     passes = {name: round(timers.seconds[name], 2) for name in ("scan", "embed_images", "embed_texts", "decide",
                                                                  "duplicate_pairs", "deduplicate", "write")}

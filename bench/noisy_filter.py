@@ -1,6 +1,6 @@
 """Filtering a catalog made noisy on purpose: what the filter removes, what it keeps, and what that buys in training.
 
-    python bench/noisy_filter.py --score-steps 400 --steps 300
+    python bench/noisy_filter.py --score-steps 250 --steps 300
 
 1. The bundled OpenMoji catalog's training split is cut by emoji family (skin-tone variants stay together): a clean
    `--seed-fraction` (default 30 %) trains the CLIP-score model, as a user would start from a small curated set;
@@ -22,6 +22,7 @@ Prints one JSON line (`--results FILE` appends it). Shards, the scoring model an
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -33,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageEnhance
@@ -151,12 +151,13 @@ def main() -> None:
     parser.add_argument("--seed-fraction", type=float, default=0.3, help="clean share that trains the scoring model")
     parser.add_argument("--swap", type=float, default=0.3, help="share of the crawl's captions swapped")
     parser.add_argument("--copies", type=float, default=0.2, help="share of the crawl copied again, perturbed")
-    parser.add_argument("--score-steps", type=int, default=400, help="training steps of the scoring model")
+    parser.add_argument("--score-steps", type=int, default=250, help="training steps of the scoring model")
     parser.add_argument("--steps", type=int, default=300, help="training steps of each compared model")
-    parser.add_argument("--clip-score-top-fraction", type=float, default=0.7)
-    parser.add_argument("--duplicate-similarity", type=float, default=0.9)
+    parser.add_argument("--clip-score-top-fraction", type=float, default=0.8)
+    parser.add_argument("--duplicate-similarity", type=float, default=0.8)
     parser.add_argument("--duplicate-hash-distance", type=int, default=8)
-    parser.add_argument("--contamination-similarity", type=float, default=0.95)
+    parser.add_argument("--contamination-similarity", type=float, default=None,
+                        help="also decontaminate by embedding cosine (default: by perceptual hash alone)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-training", action="store_true", help="stop after filtering (no comparison runs)")
     parser.add_argument("--results", default=None, help="append the JSON line to this file too")
@@ -183,7 +184,7 @@ def main() -> None:
                           contamination_similarity=args.contamination_similarity)
     shutil.rmtree(config.output, ignore_errors=True)  # the rules may have changed since the last run
     started = time.perf_counter()
-    manifest = filter_dataset(config, model_embedder(config), progress=False)
+    manifest = filter_dataset(config, functools.partial(model_embedder, config), progress=False)
     filter_seconds = time.perf_counter() - started
 
     truth = truths(crawl_train)

@@ -117,8 +117,8 @@ search_command.params.insert(0, click.Argument(["queries"], nargs=-1))  # positi
 
     \b
     Examples:
-      clipforge filter --data .clipforge/data/openmoji-train --output .clipforge/data/openmoji-train-filtered \\
-          --min-words 2 --duplicate-hash-distance 4 --decontaminate .clipforge/data/openmoji-val
+      clipforge filter --data .clipforge/data/openmoji/train --output .clipforge/data/openmoji/train-clean \\
+          --min-words 2 --duplicate-hash-distance 8 --decontaminate .clipforge/data/openmoji/val
       clipforge filter --data shards/ --output shards-clean/ --model checkpoints/final \\
           --clip-score-top-fraction 0.3 --duplicate-similarity 0.95
 

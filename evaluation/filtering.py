@@ -8,6 +8,7 @@ of kept and removed pairs, and thumbnails of removed pairs per reason.
 
 from __future__ import annotations
 
+import functools
 import posixpath
 from typing import Any
 
@@ -56,7 +57,8 @@ def model_embedder(config: FilterConfig) -> ModelEmbedder | None:
 
 def run_filter(config: FilterConfig, progress: bool = True) -> Manifest:
     """`clipforge filter`: filter the dataset, then write its report.html."""
-    manifest = filter_dataset(config, model_embedder(config), progress)
+    make_embedder = functools.partial(model_embedder, config) if config.model else None  # pickles for Ray tasks
+    manifest = filter_dataset(config, make_embedder, progress)
     write_filter_report(config.output, config)
     return manifest
 

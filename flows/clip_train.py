@@ -153,9 +153,10 @@ def clip_train(
             split: ingest_flow(IngestConfig(urls=urls, output=storage.join(ingest.output, split), **ingest_settings))
             for split, urls in (("train", ingest.train_urls), ("val", ingest.val_urls))
         }
+    filtered = None
     if filtering.enabled:
         with phases("filter"):
-            datasets["train"] = filter_flow(FilterConfig(
+            datasets["train"] = filtered = filter_flow(FilterConfig(
                 data=datasets["train"].location, output=storage.join(ingest.output, "train-filtered"),
                 decontaminate=(*filtering.decontaminate, datasets["val"].location),
                 **settings_dump(filtering, exclude=("enabled", "decontaminate"))))
@@ -208,14 +209,15 @@ def clip_train(
     rows = metric_rows(metrics)
     create_table_artifact(rows, key="clip-train-metrics", description=f"Evaluation of {version.ref} on the val set")
     create_markdown_artifact(
-        report_markdown(version, result, datasets, eval_config, rows, brand_summary, run_output, promotion_note),
+        report_markdown(version, result, datasets, filtered, eval_config, rows, brand_summary, run_output,
+                        promotion_note),
         key="clip-train-report", description=f"clip-train: {version.ref}")
     return version
 
 
-def report_markdown(version: ModelVersion, result: Any, datasets: dict[str, Any], eval_config: EvaluateConfig,
-                    rows: list[dict[str, Any]], brand_summary: dict[str, Any] | None, run_output: str,
-                    promotion_note: str) -> str:
+def report_markdown(version: ModelVersion, result: Any, datasets: dict[str, Any], filtered: Any | None,
+                    eval_config: EvaluateConfig, rows: list[dict[str, Any]], brand_summary: dict[str, Any] | None,
+                    run_output: str, promotion_note: str) -> str:
     lines = [f"# clip-train: {version.ref}", "", promotion_note, "", "## Evaluation on the validation set", "",
              metrics_markdown(rows), "",
              f"Training: {result.metrics.get('steps')} steps, final loss {result.metrics.get('loss', float('nan')):.4f} "
@@ -226,6 +228,11 @@ def report_markdown(version: ModelVersion, result: Any, datasets: dict[str, Any]
     for split, manifest in datasets.items():
         lines.append(f"- {split} dataset manifest: {location_link(storage.join(manifest.location, 'manifest.parquet'))}"
                      f" ({manifest.summary.successes} samples, {manifest.summary.success_rate:.1%} of the list)")
+    if filtered is not None:
+        summary = filtered.summary
+        removed = ", ".join(f"{reason} {count}" for reason, count in summary.failures.items()) or "none"
+        lines.append(f"- filter report: {location_link(storage.join(filtered.location, 'report.html'))} "
+                     f"(kept {summary.successes} of {summary.input_rows}; removed: {removed})")
     lines.append(f"- evaluation report: {location_link(storage.join(eval_config.output, 'report.html'))}")
     if brand_summary is not None:
         lines += [f"- brand scores report: {location_link(storage.join(run_output, 'brand', 'scores', 'report.html'))}",

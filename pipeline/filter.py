@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import posixpath
 import tarfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import Literal, Protocol
 
@@ -107,14 +108,19 @@ class FilterConfig(Config):
     contamination_hash_distance: int = Field(2, ge=0, le=HASH_BITS)
     """Perceptual-hash distance at or below which a training image copies an evaluation image (8 catches most JPEG
     re-encodings, but on icon sets also drawings that differ only in small details)."""
-    contamination_similarity: float = Field(0.95, gt=0, le=1)
-    """Image-embedding cosine at or above which a training image copies an evaluation image (with `model`)."""
+    contamination_similarity: float | None = Field(None, gt=0, le=1)
+    """Image-embedding cosine at or above which a training image copies an evaluation image (needs `model`); unset:
+    by perceptual hash alone. A model's cosine scale is its own: on the bundled catalog a small clipforge model puts
+    different emoji above 0.95, so look at the distances before setting it."""
     exact_search_limit: int = Field(20_000, ge=0)
     """Up to this many samples near-neighbours are searched exactly; above it through an HNSW index."""
     neighbours: int = Field(16, gt=0)
     """Nearest neighbours looked at per sample when grouping near-duplicates."""
     batch_size: int = Field(128, gt=0)
     """Images per forward pass of the model."""
+    ray_address: str | None = None
+    """Ray cluster address (e.g. 10.0.0.5:6379, or auto): scan the shards as tasks on the cluster, each loading the
+    model on its node (its GPU where it has one). Empty: scan in this process. Output on s3:// for a real cluster."""
     device: DeviceSetting = "auto"
     """Where the model runs: auto (a CUDA GPU when one is visible, else the CPU), cpu or cuda."""
     precision: PrecisionSetting = "auto"
@@ -124,11 +130,13 @@ class FilterConfig(Config):
 
     @property
     def needs_model(self) -> bool:
-        return any(v is not None for v in (self.min_clip_score, self.clip_score_top_fraction, self.duplicate_similarity))
+        return any(v is not None for v in (self.min_clip_score, self.clip_score_top_fraction, self.duplicate_similarity,
+                                           self.contamination_similarity))
 
     def rules(self) -> dict:
         """The settings that decide which samples are kept (a resumed run must have the same)."""
-        return self.model_dump(mode="json", exclude={"output", "batch_size", "device", "precision", "storage"})
+        return self.model_dump(mode="json", exclude={"output", "batch_size", "device", "precision", "storage",
+                                                     "ray_address"})
 
 
 class Embedder(Protocol):
@@ -370,7 +378,7 @@ def find_contaminated(scan: pa.Table, alive: np.ndarray, references: pa.Table, c
                                      _hash_matrix(scan["hash"].take(rows).to_pylist()), 1, config.exact_search_limit, binary=True)
         for position in np.flatnonzero(distance[:, 0] <= config.contamination_hash_distance):
             matches[int(rows[position])] = (int(found[position, 0]), float(distance[position, 0]), "hash")
-        if "embedding" in references.column_names and "embedding" in scan.column_names:
+        if config.contamination_similarity is not None and "embedding" in references.column_names:
             similarity, found = neighbours(_vectors(references["embedding"]), _vectors(scan["embedding"].take(rows)), 1,
                                            config.exact_search_limit)
             for position in np.flatnonzero(similarity[:, 0] >= config.contamination_similarity):
@@ -482,12 +490,62 @@ def _copy_kept(url: str, kept: set[int], config: FilterConfig) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# scanning on a Ray cluster
+
+
+def _scanned_by(table: pa.Table, who: str) -> pa.Table:
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), b"scanned_by": who.encode()})
+
+
+def _scan_task(url: str, shard: int, config: FilterConfig, make_embedder: Callable[[], Embedder] | None,
+               output: str, credentials: object) -> int:
+    """One shard's scan as a Ray task: build the embedder on this node, scan, write the scan file."""
+    import ray  # ray
+
+    from pipeline import cluster
+
+    cluster.adopt_credentials(credentials)  # ray: the driver's explicit keys, if it shipped any
+    table = scan_shard(url, shard, config, make_embedder() if make_embedder else None, _language_identifier(config))
+    node = ray.get_runtime_context().get_node_id()[:8]  # ray
+    fs, path = storage.filesystem(output, config.storage)
+    _put(fs, _scan_path(posixpath.join(path, WORK_DIR), shard),
+         _parquet(_scanned_by(table, f"ray task pid {os.getpid()} on node {node}")), storage.is_remote(output))
+    return shard
+
+
+def scan_on_ray(todo: list[tuple[str, int]], config: FilterConfig, output: str,
+                make_embedder: Callable[[], Embedder] | None, progress: bool) -> None:
+    """Scan the (url, shard) pairs as tasks on the Ray cluster at `config.ray_address`, one task per shard."""
+    import ray  # ray
+
+    from pipeline import cluster
+
+    # the packages the tasks import: the filter, and the model's (training, evaluation) for the embedder
+    with cluster.ray_session(config.ray_address, storage.cluster_env(config.storage),
+                             packages=("pipeline", "training", "evaluation")):
+        credentials = cluster.ship_credentials(config.storage)  # ray: an object, not recorded anywhere
+        # a task sees a GPU only when it asks for one (Ray hides the others from it)
+        gpus = 1 if config.device != "cpu" and ray.cluster_resources().get("GPU") else 0  # ray
+        task = ray.remote(num_cpus=1, num_gpus=gpus)(_scan_task)  # ray
+        pending = [task.remote(url, shard, config, make_embedder, output, credentials) for url, shard in todo]
+        with tqdm(total=len(pending), desc="filter: scan on ray", unit="shard", disable=None if progress else True) as bar:
+            while pending:
+                done, pending = ray.wait(pending)  # ray
+                ray.get(done)  # ray: a task's error is raised here
+                bar.update(len(done))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # the job
 
 
-def filter_dataset(config: FilterConfig, embedder: Embedder | None = None, progress: bool = True) -> Manifest:
-    """Run the filter described by `config` (see the module docstring); re-running after a kill resumes it."""
-    if config.needs_model and embedder is None:
+def filter_dataset(config: FilterConfig, make_embedder: Callable[[], Embedder] | None = None,
+                   progress: bool = True) -> Manifest:
+    """Run the filter described by `config` (see the module docstring); re-running after a kill resumes it.
+
+    `make_embedder` builds the model's embedder (called once here, or once per Ray task: it must pickle then).
+    """
+    if config.needs_model and make_embedder is None:
         raise UserError("CLIP-score and embedding-duplicate rules need a model: set --model to a clipforge checkpoint")
     started = time.monotonic()
     source = read_manifest(config.data, config.storage)
@@ -508,18 +566,24 @@ def filter_dataset(config: FilterConfig, embedder: Embedder | None = None, progr
         _put(fs, settings, rules.encode(), remote)
 
         shards = [s for s in source.shards if s.samples > 0]
-        identifier = _language_identifier(config)
-        for info in tqdm(shards, desc="filter: scan", unit="shard", disable=None if progress else True):
-            scan_path = _scan_path(work, info.shard)
-            if not fs.exists(scan_path):
-                url = storage.join(source.location, info.path)
-                _put(fs, scan_path, _parquet(scan_shard(url, info.shard, config, embedder, identifier)), remote)
+        todo = [(storage.join(source.location, s.path), s.shard) for s in shards if not fs.exists(_scan_path(work, s.shard))]
+        embedder = None
+        if todo and config.ray_address:
+            scan_on_ray(todo, config, output, make_embedder, progress)
+        elif todo:
+            embedder = make_embedder() if make_embedder else None
+            identifier = _language_identifier(config)
+            for url, shard in tqdm(todo, desc="filter: scan", unit="shard", disable=None if progress else True):
+                table = scan_shard(url, shard, config, embedder, identifier)
+                _put(fs, _scan_path(work, shard), _parquet(_scanned_by(table, "this process")), remote)
         unreadable = {info.shard: info.samples - _num_rows(fs, _scan_path(work, info.shard)) for info in shards}
 
         decisions_path = posixpath.join(work, "decisions.parquet")
         if not fs.exists(decisions_path):
             scan = pa.concat_tables([_read_parquet(fs, _scan_path(work, info.shard)) for info in shards]
                                     or [_SCAN_SCHEMA.empty_table()])
+            if embedder is None and make_embedder is not None and config.decontaminate:
+                embedder = make_embedder()
             references = reference_features(config.decontaminate, config, embedder) if config.decontaminate else None
             decisions, contaminated = decide(scan, config, references)
             _put(fs, posixpath.join(path, "decontaminated.parquet"), _parquet(contaminated), remote)

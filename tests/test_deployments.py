@@ -173,7 +173,11 @@ def test_a_run_with_no_parameters_runs_the_main_job_on_the_embedded_defaults(ser
     assert 0 <= version.metrics["zero_shot.acc@1"] <= 1
     demo = workdir / "runs" / "demo"
     phases = json.loads((demo / "phases.json").read_text())
-    assert list(phases) == ["catalog", "ingest", "train", "evaluate", "brand", "register"]
+    assert list(phases) == ["catalog", "ingest", "filter", "train", "evaluate", "brand", "register"]
+    filtered = read_manifest(version.dataset[0])  # the training set is the filtered one, with its accounting
+    assert filtered.location.endswith("train-filtered") and (Path(filtered.location) / "report.html").exists()
+    assert filtered.summary.successes + filtered.summary.failed == filtered.summary.input_rows
+    assert filtered.summary.failures.get("contaminated", 0) >= 47  # OpenMoji's own copies of validation drawings
     assert (demo / "eval" / "report.html").stat().st_size > 0 and (demo / "eval" / "metrics.json").exists()
     assert (demo / "brand" / "scores" / "report.html").exists()
 
@@ -194,7 +198,8 @@ def test_a_run_with_no_parameters_runs_the_main_job_on_the_embedded_defaults(ser
     assert 0.5 < rows["zero_shot.acc@1"]["majority"] < 0.7  # People & Body is most of val
     for key in ("ingest-progress", "train-progress"):
         assert any(a.type == "progress" and float(a.data) == 100.0 for a in by_key[key]), key
-    assert {"ingest-summary", "train-metrics", "evaluation-metrics", "brand-scores"} <= set(by_key)
+    assert {"ingest-summary", "filter-summary", "train-metrics", "evaluation-metrics", "brand-scores"} <= set(by_key)
+    assert "filter report" in report
 
 
 def test_invalid_parameters_are_rejected_with_the_field_named(served: Served) -> None:
