@@ -195,16 +195,22 @@ def main() -> None:
         outcome[kind][reason[key] or "kept"] = outcome[kind].get(reason[key] or "kept", 0) + 1
     removed_share = {kind: round(1 - counts.get("kept", 0) / max(1, sum(counts.values())), 4)
                      for kind, counts in outcome.items()}
+    # a clean pair removed as the duplicate of its own kept copy is still in the data (the copy stands in for it)
+    detail = dict(zip(decisions["key"].to_pylist(), decisions["detail"].to_pylist()))
+    clean = [k for k, kind in truth.items() if kind == "clean"]
+    represented = sum(reason[k] is None or (reason[k] == "duplicate" and reason.get(detail[k][3:], "x") is None)
+                      for k in clean)
     scan = pa.concat_tables([pq.read_table(p) for p in sorted((Path(config.output) / "_filter" / "scan").glob("*.parquet"))])
     score = dict(zip(scan["key"].to_pylist(), scan["clip_score"].to_pylist()))
-    clean = np.array([score[k] for k, t in truth.items() if t == "clean" and score[k] is not None])
-    swapped = np.array([score[k] for k, t in truth.items() if t == "swapped" and score[k] is not None])
+    clean_scores = np.array([score[k] for k in clean if score[k] is not None])
+    swapped_scores = np.array([score[k] for k, t in truth.items() if t == "swapped" and score[k] is not None])
 
     result = {"recipe": {k: v for k, v in vars(args).items() if k not in ("workdir", "results")},
               "cpu": _cpu(), "threads": torch.get_num_threads(), "scoring_model": scorer_info,
               "crawl": {kind: sum(counts.values()) for kind, counts in outcome.items()},
               "outcome": outcome, "removed_share": removed_share, "kept_clean_share": round(1 - removed_share["clean"], 4),
-              "clip_score_auc_clean_vs_swapped": round(roc_auc(clean, swapped), 4),
+              "clean_represented_share": round(represented / len(clean), 4),
+              "clip_score_auc_clean_vs_swapped": round(roc_auc(clean_scores, swapped_scores), 4),
               "filter_seconds": round(filter_seconds, 1), "kept": manifest.summary.successes,
               "input": manifest.summary.input_rows}
     if not args.skip_training:

@@ -150,6 +150,7 @@ def test_deployments_and_schedule(served: Served) -> None:
     assert train_form["batch_size"]["description"].startswith("Global contrastive batch")
 
 
+@pytest.mark.timeout(DEMO_TIMEOUT + 120)  # the run's own limit, not the suite's default
 def test_a_run_with_no_parameters_runs_the_main_job_on_the_embedded_defaults(served: Served) -> None:
     """`prefect deployment run clip-train/clip-train` with nothing else (the UI's Quick run) is the demo: the bundled
     catalog served over loopback, the demo's settings, everything under `.clipforge` of the serving process. The run
