@@ -3,13 +3,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
+
+from infra.processes import free_port
 
 
 def ray_node(args: list[str], temp_dir: str, env: dict, python: str | None = None) -> subprocess.Popen:
@@ -40,3 +46,18 @@ def in_group(process: psutil.Process, group: int) -> bool:
         return os.getpgid(process.pid) == group
     except (ProcessLookupError, psutil.Error):
         return False
+
+
+@contextlib.contextmanager
+def loopback_head(prefix: str) -> Iterator[tuple[str, dict]]:
+    """A one-CPU Ray head on 127.0.0.1 with token authentication for the block: yields (its address, the environment
+    a client needs to join it)."""
+    port = free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(16).hex()}
+    head = ray_node(["--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--include-dashboard=false"],
+                    tempfile.mkdtemp(prefix=prefix), env)
+    try:
+        time.sleep(8)
+        yield f"127.0.0.1:{port}", env
+    finally:
+        stop_node(head)

@@ -221,26 +221,16 @@ def test_kill_9_then_resume_writes_what_an_uninterrupted_run_writes(tmp_path: Pa
 @pytest.mark.slow
 def test_scanning_on_a_ray_cluster_decides_as_one_process_does(tiny_checkpoint: Path, synthetic_shards: Path,
                                                               tmp_path: Path) -> None:
-    import tempfile
-
-    from infra.processes import free_port
-    from tests.raycluster import ray_node, stop_node
+    from tests.raycluster import loopback_head
 
     rules = ["--model", str(tiny_checkpoint), "--clip-score-top-fraction", "0.6", "--duplicate-similarity", "0.99",
              "--min-words", "2"]
-    port = free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(16).hex()}
-    head = ray_node(["--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--include-dashboard=false"],
-                    tempfile.mkdtemp(prefix="cff"), env)
-    try:
-        time.sleep(8)
-        for name, extra in (("local", []), ("ray", ["--ray-address", f"127.0.0.1:{port}"])):
+    with loopback_head("cff") as (address, env):
+        for name, extra in (("local", []), ("ray", ["--ray-address", address])):
             result = subprocess.run([sys.executable, "-m", "flows.cli", "filter", "--data", str(synthetic_shards),
                                      "--output", str(tmp_path / name), *rules, *extra],
                                     capture_output=True, text=True, env=env, timeout=600)
             assert result.returncode == 0, result.stderr[-3000:]
-    finally:
-        stop_node(head)
     scans = sorted((tmp_path / "ray" / "_filter" / "scan").glob("*.parquet"))
     assert len(scans) > 1
     assert all(pq.read_schema(p).metadata[b"scanned_by"].startswith(b"ray task") for p in scans)

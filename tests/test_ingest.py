@@ -338,29 +338,18 @@ def test_wrong_storage_credentials_give_one_line_and_status_2(tmp_path: Path, s3
 
 @pytest.mark.slow
 def test_ingest_distributes_shards_over_a_ray_cluster(tmp_path: Path) -> None:
-    import tempfile
+    from tests.raycluster import loopback_head
 
-    from infra.processes import free_port
-    from tests.raycluster import ray_node, stop_node
-
-    port = free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(16).hex()}
-    head = ray_node(["--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--include-dashboard=false"],
-                    tempfile.mkdtemp(prefix="cfi"), env)
-    try:
-        time.sleep(8)
-        with webfaults.FaultyWeb() as web:
-            rows = web.url_list(n_good=150, n_per_fault=5, kinds=(webfaults.HTTP_404, webfaults.NOT_AN_IMAGE))
-            url_list = write_list(rows, tmp_path / "list.parquet")
-            output = tmp_path / "shards"
-            result = subprocess.run(
-                [sys.executable, "-m", "flows.cli", "ingest", "--urls", str(url_list), "--output", str(output),
-                 "--ray-address", f"127.0.0.1:{port}", *FAST_LIMITS],
-                capture_output=True, text=True, env=env, timeout=600)
-            assert result.returncode == 0, result.stderr[-3000:]
-            check_ingest(str(output), rows, web)
-        log = (output / "_clipforge" / "img2dataset.log").read_text()
-        shards = {line.split("shard ")[1].split()[0] for line in log.splitlines() if "downloaded by ray task" in line}
-        assert shards == {str(i) for i in range(2)}, "every shard was downloaded by a task on the Ray cluster"
-    finally:
-        stop_node(head)
+    with loopback_head("cfi") as (address, env), webfaults.FaultyWeb() as web:
+        rows = web.url_list(n_good=150, n_per_fault=5, kinds=(webfaults.HTTP_404, webfaults.NOT_AN_IMAGE))
+        url_list = write_list(rows, tmp_path / "list.parquet")
+        output = tmp_path / "shards"
+        result = subprocess.run(
+            [sys.executable, "-m", "flows.cli", "ingest", "--urls", str(url_list), "--output", str(output),
+             "--ray-address", address, *FAST_LIMITS],
+            capture_output=True, text=True, env=env, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        check_ingest(str(output), rows, web)
+    log = (output / "_clipforge" / "img2dataset.log").read_text()
+    shards = {line.split("shard ")[1].split()[0] for line in log.splitlines() if "downloaded by ray task" in line}
+    assert shards == {str(i) for i in range(2)}, "every shard was downloaded by a task on the Ray cluster"
