@@ -51,6 +51,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from pipeline.manifest import IngestSummary, ShardInfo, tar_sample_offsets, write_manifest  # noqa: E402
+from training.device import cpu_name  # noqa: E402
 
 # kinds of planted samples (everything not listed is a plain 64x64 original), with their fractions
 PLAIN, EXACT_COPY, REENCODED_COPY, TOO_SMALL, TOO_WIDE, ONE_WORD = range(6)
@@ -285,15 +286,6 @@ def run_filter(args: argparse.Namespace, data: Path, tokenizer_path: Path | None
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        listing = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return next((line.split(":", 1)[1].strip() for line in listing.splitlines() if line.startswith("Model name")),
-                "unknown")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=100_000, help="samples in the synthetic dataset")
@@ -340,7 +332,7 @@ def main() -> None:
     duplicates = found_duplicates(output, plan, args.samples_per_shard)
     line = {"samples": args.samples, "samples_per_shard": args.samples_per_shard,
             "model": args.preset if args.model else None, **result, "hnsw": hnsw,
-            "exact_search_limit": args.exact_search_limit, "cpu": cpu_model(), "cpus": os.cpu_count(),
+            "exact_search_limit": args.exact_search_limit, "cpu": cpu_name(), "cpus": os.cpu_count(),
             "planted": {"exact_copies": planted[EXACT_COPY], "reencoded_copies": planted[REENCODED_COPY],
                         "too_small": planted[TOO_SMALL], "aspect_ratio": planted[TOO_WIDE],
                         "one_word_captions": planted[ONE_WORD]},

@@ -41,12 +41,14 @@ from PIL import Image, ImageEnhance
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from bench.cross_style import evaluation_list, summary  # noqa: E402
 from bench.recipe import train_and_evaluate  # noqa: E402
+from evaluation.brand import roc_auc  # noqa: E402
 from evaluation.filtering import model_embedder  # noqa: E402
 from pipeline.catalog import CATALOG_FILE, build_openmoji_catalog, read_catalog, serve_catalogs  # noqa: E402
 from pipeline.filter import FilterConfig, filter_dataset  # noqa: E402
 from pipeline.ingest import IngestConfig, ingest  # noqa: E402
 from pipeline.manifest import MANIFEST_NAME  # noqa: E402
 from pipeline.shards import iter_dataset  # noqa: E402
+from training.device import cpu_name  # noqa: E402
 from training.train import TrainConfig  # noqa: E402
 
 TRUTHS = ("clean", "swapped", "near_duplicate", "validation_copy")
@@ -132,13 +134,6 @@ def truths(dataset: str) -> dict[str, str]:
     return {s["__key__"]: json.loads(s["json"])["truth"] for s in iter_dataset(dataset)}
 
 
-def roc_auc(positive: np.ndarray, negative: np.ndarray) -> float:
-    """P(a random positive scores above a random negative), ties counted half."""
-    order = np.concatenate([positive, negative]).argsort(kind="stable").argsort() + 1.0
-    ranks = order[: len(positive)]
-    return float((ranks.sum() - len(positive) * (len(positive) + 1) / 2) / (len(positive) * len(negative)))
-
-
 def recipe(data: str, steps: int, seed: int) -> TrainConfig:
     """The demo's recipe (small preset, patch dropout 0.5, caption lists) for `steps` steps."""
     return TrainConfig(data=data, preset="small", steps=steps, batch_size=128, lr=5e-4, warmup_steps=20,
@@ -206,7 +201,7 @@ def main() -> None:
     swapped_scores = np.array([score[k] for k, t in truth.items() if t == "swapped" and score[k] is not None])
 
     result = {"recipe": {k: v for k, v in vars(args).items() if k not in ("workdir", "results")},
-              "cpu": _cpu(), "threads": torch.get_num_threads(), "scoring_model": scorer_info,
+              "cpu": cpu_name(), "threads": torch.get_num_threads(), "scoring_model": scorer_info,
               "crawl": {kind: sum(counts.values()) for kind, counts in outcome.items()},
               "outcome": outcome, "removed_share": removed_share, "kept_clean_share": round(1 - removed_share["clean"], 4),
               "clean_represented_share": round(represented / len(clean), 4),
@@ -222,13 +217,6 @@ def main() -> None:
     if args.results:
         with open(args.results, "a", encoding="utf-8") as file:
             file.write(line + "\n")
-
-
-def _cpu() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown"
 
 
 if __name__ == "__main__":
