@@ -31,7 +31,7 @@ import posixpath
 import tarfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Literal, Protocol
 
@@ -470,23 +470,19 @@ def _read_parquet(fs, path: str) -> pa.Table:
         return pq.read_table(f)
 
 
-def _tar_bytes(members: Iterator[tuple[str, bytes]]) -> bytes:
+def _copy_kept(url: str, kept: set[int], config: FilterConfig) -> bytes:
+    """A tar of the kept samples (by index) of one input shard, members and bytes as they were."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mode, info.mtime = len(data), 0o644, 0
-            tar.addfile(info, io.BytesIO(data))
+        for index, sample in enumerate(iter_shard(url, config.storage)):
+            if index not in kept:
+                continue
+            for extension, data in sample.items():
+                if not extension.startswith("__"):
+                    info = tarfile.TarInfo(f"{sample['__key__']}.{extension}")
+                    info.size, info.mode, info.mtime = len(data), 0o644, 0
+                    tar.addfile(info, io.BytesIO(data))
     return buffer.getvalue()
-
-
-def _copy_kept(url: str, kept: set[int], config: FilterConfig) -> bytes:
-    members = []
-    for index, sample in enumerate(iter_shard(url, config.storage)):
-        if index in kept:
-            members += [(f"{sample['__key__']}.{extension}", value) for extension, value in sample.items()
-                        if not extension.startswith("__")]
-    return _tar_bytes(iter(members))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
