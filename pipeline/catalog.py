@@ -220,13 +220,16 @@ def caption_from_name(name: str, subgroup: str = "") -> str:
     return caption
 
 
-def caption_variants(caption: str, subgroup: str, aliases: list[str] = ()) -> list[str]:
-    """Several captions of one emoji, `caption` first: with its subgroup, its shortcode aliases, two short templates.
+def caption_variants(caption: str, group: str, subgroup: str, aliases: list[str] = ()) -> list[str]:
+    """Several captions of one emoji, `caption` first: with its subgroup, with its group, its shortcode aliases, two
+    short templates. The group variant is how the text tower meets group names ("Smileys & Emotion") in training.
 
-    ("grinning face", "face-smiling", [":grinning:"]) -> ["grinning face", "grinning face, face smiling", "grinning",
-    "an emoji of grinning face", "grinning face icon"].
+    ("grinning face", "Smileys & Emotion", "face-smiling", [":grinning:"]) -> ["grinning face",
+    "grinning face, face smiling", "grinning face, Smileys & Emotion", "grinning", "an emoji of grinning face",
+    "grinning face icon"].
     """
     variants = [caption, f"{caption}, {subgroup.replace('-', ' ')}" if subgroup else caption,
+                f"{caption}, {group}" if group else caption,
                 *(alias.strip(":").replace("_", " ") for alias in aliases),
                 f"an emoji of {caption}", f"{caption} icon"]
     return list(dict.fromkeys(v for v in variants if v.strip()))
@@ -261,7 +264,7 @@ def _list_emoji(drawings: list[tuple[str, str]]) -> tuple[list[dict[str, str]], 
             "hexcode": hexcode,
             "emoji": "".join(chr(int(cp, 16)) for cp in hexcode.split("-")),
             "caption": caption,
-            "captions": caption_variants(caption, subgroup, aliases),
+            "captions": caption_variants(caption, group, subgroup, aliases),
             "group": group,
             "subgroup": subgroup,
             "base": base_hexcode(hexcode),

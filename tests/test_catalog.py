@@ -59,9 +59,10 @@ def test_captions_from_unicode_names() -> None:
 
 
 def test_caption_variants_put_the_caption_first_without_repeats() -> None:
-    assert catalog.caption_variants("grinning face", "face-smiling", [":grinning:"]) == [
-        "grinning face", "grinning face, face smiling", "grinning", "an emoji of grinning face", "grinning face icon"]
-    assert catalog.caption_variants("dog", "", [":dog:"]) == ["dog", "an emoji of dog", "dog icon"]
+    assert catalog.caption_variants("grinning face", "Smileys & Emotion", "face-smiling", [":grinning:"]) == [
+        "grinning face", "grinning face, face smiling", "grinning face, Smileys & Emotion", "grinning",
+        "an emoji of grinning face", "grinning face icon"]
+    assert catalog.caption_variants("dog", "", "", [":dog:"]) == ["dog", "an emoji of dog", "dog icon"]
 
 
 def test_limited_openmoji_split_keeps_skin_tone_families_together(openmoji_300: Path) -> None:
