@@ -4,17 +4,18 @@
 
 1. The bundled OpenMoji catalog's training split is cut by emoji family (skin-tone variants stay together): a clean
    `--seed-fraction` (default 30 %) trains the CLIP-score model, as a user would start from a small curated set;
-   the rest becomes a noisy "crawl": 30 % of its captions swapped between images, 20 % of its pairs copied again
-   with a small crop (85-95 % of the side) or a colour change (hue turned, saturation and brightness changed), and
-   every validation image copied in with its caption. Each row carries its `truth` (clean, swapped, near_duplicate,
-   validation_copy) in the URL list, so ingest keeps it in the sample's json.
+   the rest becomes a noisy "crawl": 30 % of its captions swapped between images (random pairs), 20 % of its pairs
+   copied again with a small crop (85-95 % of the side) or a colour change (hue turned, saturation and brightness
+   changed), and every validation image copied in with its caption. Each row carries its `truth` (clean, swapped,
+   near_duplicate, validation_copy) in the URL list, so ingest keeps it in the sample's json.
 2. The seed part and the noisy crawl are served over loopback HTTP and ingested by `clipforge ingest`; the scoring
    model is trained on the seed part by `train_loop` (as `clipforge train` runs it), with the demo's recipe.
 3. `clipforge filter` (with that model) removes pairs by CLIP score (`--clip-score-top-fraction`), near-duplicates
    by embedding and perceptual hash (same caption), and copies of validation images; the script counts, per truth,
    the share removed, and the CLIP-score AUC of clean against swapped pairs.
-4. Two models train for the same `--steps` on the unfiltered and on the filtered crawl; each is evaluated on the
-   validation split (text-to-image R@10 and zero-shot group accuracy).
+4. Three models train for the same `--steps` on the unfiltered crawl, on the crawl with only the validation copies
+   removed (decontamination alone) and on the filtered crawl; each is evaluated on the validation split
+   (text-to-image R@10 and zero-shot group accuracy).
 
 Prints one JSON line (`--results FILE` appends it). Shards, the scoring model and runs are kept under `--workdir`.
 """
@@ -43,12 +44,14 @@ from bench.cross_style import evaluation_list, summary  # noqa: E402
 from bench.recipe import train_and_evaluate  # noqa: E402
 from evaluation.brand import roc_auc  # noqa: E402
 from evaluation.filtering import model_embedder  # noqa: E402
-from pipeline.catalog import CATALOG_FILE, build_openmoji_catalog, read_catalog, serve_catalogs  # noqa: E402
+from pipeline.catalog import (CATALOG_FILE, build_fluent_catalog, build_openmoji_catalog, read_catalog,  # noqa: E402
+                              serve_catalogs)
 from pipeline.filter import FilterConfig, filter_dataset  # noqa: E402
 from pipeline.ingest import IngestConfig, ingest  # noqa: E402
 from pipeline.manifest import MANIFEST_NAME  # noqa: E402
 from pipeline.shards import iter_dataset  # noqa: E402
 from training.device import cpu_name  # noqa: E402
+from training.model import MODEL_PRESETS  # noqa: E402
 from training.train import TrainConfig  # noqa: E402
 
 TRUTHS = ("clean", "swapped", "near_duplicate", "validation_copy")
@@ -88,8 +91,10 @@ def noisy_catalogs(catalog: Path, workdir: Path, seed_fraction: float, swap: flo
     crawl = [dict(r, truth="clean") for r in train if _fraction_of(r["base"], seed) >= seed_fraction]
     rng = random.Random(seed)
 
-    swapped = sorted(rng.sample(range(len(crawl)), round(swap * len(crawl))))
-    rotated = swapped[1:] + swapped[:1]  # each swapped row takes the next one's captions: none keeps its own
+    # random pairs: each swapped row takes the captions of the next in a random order (none keeps its own); in catalog
+    # order the next row would often be a skin-tone variant of the same emoji
+    swapped = rng.sample(range(len(crawl)), round(swap * len(crawl)))
+    rotated = swapped[1:] + swapped[:1]
     originals = [(crawl[i]["caption"], crawl[i]["captions"]) for i in swapped]
     for target, (caption, captions) in zip(rotated, originals):
         crawl[target].update(caption=caption, captions=captions, truth="swapped")
@@ -118,6 +123,25 @@ def noisy_catalogs(catalog: Path, workdir: Path, seed_fraction: float, swap: flo
     return seed_dir, crawl_dir
 
 
+def with_fluent(seed_dir: Path, fluent: Path, workdir: Path) -> Path:
+    """The seed part plus Fluent Emoji Flat's training split (another vendor's drawings of the same names, none of
+    them in the crawl), as one catalog folder (built once)."""
+    folder = workdir / "seed+fluent-catalog"
+    if (folder / CATALOG_FILE).exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, target in (("images", seed_dir / "images"), ("fluent-images", fluent / "images")):
+        if not (folder / name).exists():
+            (folder / name).symlink_to(target.resolve())
+    seed = read_catalog(seed_dir)
+    extra = read_catalog(fluent).to_pylist()
+    extra = [dict(r, image="fluent-" + r["image"], truth="clean") for r in extra if r["split"] == "train"]
+    rows = seed.to_pylist() + [{name: r.get(name) for name in seed.column_names} for r in extra]
+    columns = {name: [r[name] for r in rows] for name in seed.column_names}
+    pq.write_table(pa.table(columns, schema=seed.schema), folder / CATALOG_FILE)
+    return folder
+
+
 def ingested(name: str, folder: Path, workdir: Path) -> tuple[str, str]:
     """(train dataset, val dataset) of a catalog folder, ingested over loopback HTTP once."""
     train, val = workdir / "data" / f"{name}-train", workdir / "data" / f"{name}-val"
@@ -134,10 +158,16 @@ def truths(dataset: str) -> dict[str, str]:
     return {s["__key__"]: json.loads(s["json"])["truth"] for s in iter_dataset(dataset)}
 
 
-def recipe(data: str, steps: int, seed: int) -> TrainConfig:
-    """The demo's recipe (small preset, patch dropout 0.5, caption lists) for `steps` steps."""
-    return TrainConfig(data=data, preset="small", steps=steps, batch_size=128, lr=5e-4, warmup_steps=20,
-                       patch_dropout=0.5, seed=seed)
+def recipe(data: str, steps: int, seed: int, transfer: bool = False) -> TrainConfig:
+    """The demo's recipe (small preset, patch dropout 0.5, caption lists) for `steps` steps; `transfer`: the
+    cross-style recipe of README "Transfer to a drawing style never seen" (blur, resolution and rotate augmentations,
+    crops down to half the area, a 32 px input with 4 px patches)."""
+    if not transfer:
+        return TrainConfig(data=data, preset="small", steps=steps, batch_size=128, lr=5e-4, warmup_steps=20,
+                           patch_dropout=0.5, seed=seed)
+    MODEL_PRESETS["small-32px"] = MODEL_PRESETS["small"].derive(image_size=32, patch_size=4)
+    return TrainConfig(data=data, preset="small-32px", steps=steps, batch_size=128, lr=5e-4, warmup_steps=20,
+                       patch_dropout=0.5, crop_scale_min=0.5, augment=["blur", "resolution", "rotate"], seed=seed)
 
 
 def main() -> None:
@@ -147,6 +177,10 @@ def main() -> None:
     parser.add_argument("--swap", type=float, default=0.3, help="share of the crawl's captions swapped")
     parser.add_argument("--copies", type=float, default=0.2, help="share of the crawl copied again, perturbed")
     parser.add_argument("--score-steps", type=int, default=250, help="training steps of the scoring model")
+    parser.add_argument("--score-recipe", choices=["demo", "transfer"], default="demo",
+                        help="the scoring model's recipe: the demo's, or the cross-style one (see `recipe`)")
+    parser.add_argument("--score-with-fluent", action="store_true",
+                        help="the scoring model also trains on Fluent Emoji Flat's training split (bundled)")
     parser.add_argument("--steps", type=int, default=300, help="training steps of each compared model")
     parser.add_argument("--clip-score-top-fraction", type=float, default=0.8)
     parser.add_argument("--duplicate-similarity", type=float, default=0.8)
@@ -161,14 +195,18 @@ def main() -> None:
     workdir = Path(args.workdir).resolve()
     catalog = build_openmoji_catalog(workdir / "catalog" / "openmoji")
     seed_dir, crawl_dir = noisy_catalogs(catalog, workdir, args.seed_fraction, args.swap, args.copies, args.seed)
-    seed_train, _ = ingested("seed", seed_dir, workdir)
+    seed_name = "seed"
+    if args.score_with_fluent:
+        seed_name = "seed+fluent"
+        seed_dir = with_fluent(seed_dir, build_fluent_catalog(workdir / "catalog" / "fluent"), workdir)
+    seed_train, _ = ingested(seed_name, seed_dir, workdir)
     crawl_train, crawl_val = ingested("crawl", crawl_dir, workdir)
     val_list = evaluation_list(workdir, "openmoji-val", catalog, "val")
 
-    scorer = workdir / "scoring-model"
+    scorer = workdir / f"scoring-model-{seed_name}-{args.score_recipe}-{args.score_steps}"
     if not (scorer / "model.safetensors").exists():
-        seconds, metrics = train_and_evaluate(recipe(seed_train, args.score_steps, args.seed), {"val": val_list},
-                                              keep_model=scorer)
+        config = recipe(seed_train, args.score_steps, args.seed, transfer=args.score_recipe == "transfer")
+        seconds, metrics = train_and_evaluate(config, {"val": val_list}, keep_model=scorer)
         (scorer / "bench.json").write_text(json.dumps({"train_seconds": round(seconds), **summary(metrics["val"])}))
     scorer_info = json.loads((scorer / "bench.json").read_text())
 
@@ -195,21 +233,32 @@ def main() -> None:
     clean = [k for k, kind in truth.items() if kind == "clean"]
     represented = sum(reason[k] is None or (reason[k] == "duplicate" and reason.get(detail[k][3:], "x") is None)
                       for k in clean)
-    scan = pa.concat_tables([pq.read_table(p) for p in sorted((Path(config.output) / "_filter" / "scan").glob("*.parquet"))])
+    scan_dir = Path(config.output) / "_filter" / "scan"
+    scan = pa.concat_tables([pq.read_table(p) for p in sorted(scan_dir.glob("*.parquet"))])
     score = dict(zip(scan["key"].to_pylist(), scan["clip_score"].to_pylist()))
     clean_scores = np.array([score[k] for k in clean if score[k] is not None])
     swapped_scores = np.array([score[k] for k, t in truth.items() if t == "swapped" and score[k] is not None])
+    swapped_90 = np.quantile(swapped_scores, 0.9)  # a CLIP-score threshold below which 90 % of swapped pairs fall
 
     result = {"recipe": {k: v for k, v in vars(args).items() if k not in ("workdir", "results")},
               "cpu": cpu_name(), "threads": torch.get_num_threads(), "scoring_model": scorer_info,
               "crawl": {kind: sum(counts.values()) for kind, counts in outcome.items()},
-              "outcome": outcome, "removed_share": removed_share, "kept_clean_share": round(1 - removed_share["clean"], 4),
+              "outcome": outcome, "removed_share": removed_share,
+              "kept_clean_share": round(1 - removed_share["clean"], 4),
               "clean_represented_share": round(represented / len(clean), 4),
               "clip_score_auc_clean_vs_swapped": round(roc_auc(clean_scores, swapped_scores), 4),
+              "clean_kept_at_90_swapped_removed": round(float(np.mean(clean_scores >= swapped_90)), 4),
               "filter_seconds": round(filter_seconds, 1), "kept": manifest.summary.successes,
               "input": manifest.summary.input_rows}
     if not args.skip_training:
-        for name, data in (("unfiltered", crawl_train), ("filtered", config.output)):
+        # the crawl without the validation copies (decontamination alone): what the other rules buy, free of the
+        # inflation that training on the evaluation images gives the unfiltered run
+        decontaminated = FilterConfig(data=crawl_train, output=str(workdir / "data" / "crawl-decontaminated"),
+                                      decontaminate=(crawl_val,))
+        shutil.rmtree(decontaminated.output, ignore_errors=True)
+        filter_dataset(decontaminated, progress=False)
+        for name, data in (("unfiltered", crawl_train), ("decontaminated_only", decontaminated.output),
+                           ("filtered", config.output)):
             seconds, metrics = train_and_evaluate(recipe(data, args.steps, args.seed), {"val": val_list})
             result[name] = {"train_seconds": round(seconds), **summary(metrics["val"])}
     line = json.dumps(result)
