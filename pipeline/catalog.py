@@ -385,7 +385,7 @@ def _build_emoji_catalog(output_dir: str | os.PathLike, source: str, image_size:
         raise UserError(f"limit must be at least 1, got {limit}")
     output = _check_build_args(output_dir, image_size, val_fraction)
     params = {"source": source, "image_size": image_size, "val_fraction": val_fraction, "seed": seed,
-              "limit": limit, "columns": 2}  # "columns": bumped when the table gains a column (2: captions)
+              "limit": limit, "columns": 3}  # bumped when the table's content changes (2: captions, 3: group caption)
     if _is_complete(output, params):
         return output
     _invalidate(output)
