@@ -4,12 +4,14 @@
 
 1. The bundled OpenMoji catalog's training split is cut by emoji family (skin-tone variants stay together): a clean
    `--seed-fraction` (default 30 %) trains the CLIP-score model, as a user would start from a small curated set;
-   the rest becomes a noisy "crawl": 30 % of its captions swapped between images (random pairs), 20 % of its pairs
+   the rest becomes a noisy "crawl": 30 % of its captions swapped between images (a random cycle), 20 % of its pairs
    copied again with a small crop (85-95 % of the side) or a colour change (hue turned, saturation and brightness
    changed), and every validation image copied in with its caption. Each row carries its `truth` (clean, swapped,
    near_duplicate, validation_copy) in the URL list, so ingest keeps it in the sample's json.
 2. The seed part and the noisy crawl are served over loopback HTTP and ingested by `clipforge ingest`; the scoring
-   model is trained on the seed part by `train_loop` (as `clipforge train` runs it), with the demo's recipe.
+   model is trained on the seed part (`--score-with-fluent`: plus Fluent Emoji Flat's drawings of every emoji
+   outside the validation split) by `train_loop` (as `clipforge train` runs it), with the demo's recipe or
+   (`--score-recipe transfer`) the cross-style one.
 3. `clipforge filter` (with that model) removes pairs by CLIP score (`--clip-score-top-fraction`), near-duplicates
    by embedding and perceptual hash (same caption), and copies of validation images; the script counts, per truth,
    the share removed, and the CLIP-score AUC of clean against swapped pairs.
@@ -80,7 +82,9 @@ def perturbed(image: Image.Image, rng: random.Random) -> Image.Image:
 def noisy_catalogs(catalog: Path, workdir: Path, seed_fraction: float, swap: float, copies: float,
                    seed: int) -> tuple[Path, Path]:
     """Two catalog folders (built once): the clean seed part and the noisy crawl (with the validation split)."""
-    seed_dir, crawl_dir = workdir / "seed-catalog", workdir / "crawl-catalog"
+    # the folders name what built them, so that another draw never reuses an old one
+    tag = f"seed{seed}-f{seed_fraction}-swap{swap}-copies{copies}"
+    seed_dir, crawl_dir = workdir / f"seed-catalog-{tag}", workdir / f"crawl-catalog-{tag}"
     if (seed_dir / CATALOG_FILE).exists() and (crawl_dir / CATALOG_FILE).exists():
         return seed_dir, crawl_dir
     table = read_catalog(catalog)
@@ -91,9 +95,11 @@ def noisy_catalogs(catalog: Path, workdir: Path, seed_fraction: float, swap: flo
     crawl = [dict(r, truth="clean") for r in train if _fraction_of(r["base"], seed) >= seed_fraction]
     rng = random.Random(seed)
 
-    # random pairs: each swapped row takes the captions of the next in a random order (none keeps its own); in catalog
-    # order the next row would often be a skin-tone variant of the same emoji
+    # a random cycle: in a random order each swapped row takes the previous one's captions (none keeps its own); in
+    # catalog order the neighbour would often be a skin-tone variant of the same emoji
     swapped = rng.sample(range(len(crawl)), round(swap * len(crawl)))
+    if len(swapped) < 2:
+        swapped = []
     rotated = swapped[1:] + swapped[:1]
     originals = [(crawl[i]["caption"], crawl[i]["captions"]) for i in swapped]
     for target, (caption, captions) in zip(rotated, originals):
@@ -101,7 +107,7 @@ def noisy_catalogs(catalog: Path, workdir: Path, seed_fraction: float, swap: flo
 
     for folder in (seed_dir, crawl_dir):
         folder.mkdir(parents=True, exist_ok=True)
-        if not (folder / "images").exists():
+        if not (folder / "images").is_symlink():
             (folder / "images").symlink_to((catalog / "images").resolve())
     (crawl_dir / "copies").mkdir(exist_ok=True)
     extra = []
@@ -123,19 +129,21 @@ def noisy_catalogs(catalog: Path, workdir: Path, seed_fraction: float, swap: flo
     return seed_dir, crawl_dir
 
 
-def with_fluent(seed_dir: Path, fluent: Path, workdir: Path) -> Path:
-    """The seed part plus Fluent Emoji Flat's training split (another vendor's drawings of the same names, none of
-    them in the crawl), as one catalog folder (built once)."""
-    folder = workdir / "seed+fluent-catalog"
+def with_fluent(seed_dir: Path, fluent: Path) -> Path:
+    """The seed part plus Fluent Emoji Flat's drawings of every emoji outside OpenMoji's validation split (another
+    vendor's drawings of the crawl's names, none of them a crawl image), as one catalog folder (built once)."""
+    folder = seed_dir.with_name(seed_dir.name.replace("seed-", "seed+fluent-"))
     if (folder / CATALOG_FILE).exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     for name, target in (("images", seed_dir / "images"), ("fluent-images", fluent / "images")):
-        if not (folder / name).exists():
+        if not (folder / name).is_symlink():
             (folder / name).symlink_to(target.resolve())
     seed = read_catalog(seed_dir)
-    extra = read_catalog(fluent).to_pylist()
-    extra = [dict(r, image="fluent-" + r["image"], truth="clean") for r in extra if r["split"] == "train"]
+    # Fluent's own split is drawn over its own emoji: filter by OpenMoji's validation families instead
+    held_out = {r["base"] for r in seed.to_pylist() if r["split"] == "val"}
+    extra = [dict(r, image="fluent-" + r["image"], split="train", truth="clean")
+             for r in read_catalog(fluent).to_pylist() if r["base"] not in held_out]
     rows = seed.to_pylist() + [{name: r.get(name) for name in seed.column_names} for r in extra]
     columns = {name: [r[name] for r in rows] for name in seed.column_names}
     pq.write_table(pa.table(columns, schema=seed.schema), folder / CATALOG_FILE)
@@ -153,15 +161,15 @@ def ingested(name: str, folder: Path, workdir: Path) -> tuple[str, str]:
     return str(train), str(val)
 
 
-def truths(dataset: str) -> dict[str, str]:
-    """{sample key: its truth} of an ingested crawl."""
-    return {s["__key__"]: json.loads(s["json"])["truth"] for s in iter_dataset(dataset)}
+def sample_rows(dataset: str) -> dict[str, dict]:
+    """{sample key: its json (caption, group, truth, ...)} of an ingested crawl."""
+    return {s["__key__"]: json.loads(s["json"]) for s in iter_dataset(dataset)}
 
 
 def recipe(data: str, steps: int, seed: int, transfer: bool = False) -> TrainConfig:
     """The demo's recipe (small preset, patch dropout 0.5, caption lists) for `steps` steps; `transfer`: the
-    cross-style recipe of README "Transfer to a drawing style never seen" (blur, resolution and rotate augmentations,
-    crops down to half the area, a 32 px input with 4 px patches)."""
+    cross-style recipe of README "Transfer to a drawing style never seen", ablation row G (blur, resolution and rotate
+    augmentations, crops down to half the area, a 32 px input with 4 px patches)."""
     if not transfer:
         return TrainConfig(data=data, preset="small", steps=steps, batch_size=128, lr=5e-4, warmup_steps=20,
                            patch_dropout=0.5, seed=seed)
@@ -195,12 +203,11 @@ def main() -> None:
     workdir = Path(args.workdir).resolve()
     catalog = build_openmoji_catalog(workdir / "catalog" / "openmoji")
     seed_dir, crawl_dir = noisy_catalogs(catalog, workdir, args.seed_fraction, args.swap, args.copies, args.seed)
-    seed_name = "seed"
     if args.score_with_fluent:
-        seed_name = "seed+fluent"
-        seed_dir = with_fluent(seed_dir, build_fluent_catalog(workdir / "catalog" / "fluent"), workdir)
+        seed_dir = with_fluent(seed_dir, build_fluent_catalog(workdir / "catalog" / "fluent"))
+    seed_name, crawl_name = seed_dir.name.replace("-catalog", ""), crawl_dir.name.replace("-catalog", "")
     seed_train, _ = ingested(seed_name, seed_dir, workdir)
-    crawl_train, crawl_val = ingested("crawl", crawl_dir, workdir)
+    crawl_train, crawl_val = ingested(crawl_name, crawl_dir, workdir)
     val_list = evaluation_list(workdir, "openmoji-val", catalog, "val")
 
     scorer = workdir / f"scoring-model-{seed_name}-{args.score_recipe}-{args.score_steps}"
@@ -220,7 +227,8 @@ def main() -> None:
     manifest = filter_dataset(config, functools.partial(model_embedder, config), progress=False)
     filter_seconds = time.perf_counter() - started
 
-    truth = truths(crawl_train)
+    rows = sample_rows(crawl_train)
+    truth = {key: row["truth"] for key, row in rows.items()}
     decisions = pq.read_table(Path(config.output) / "_filter" / "decisions.parquet")
     reason = dict(zip(decisions["key"].to_pylist(), decisions["reason"].to_pylist()))
     outcome: dict[str, dict[str, int]] = {t: {} for t in TRUTHS}
@@ -238,7 +246,14 @@ def main() -> None:
     score = dict(zip(scan["key"].to_pylist(), scan["clip_score"].to_pylist()))
     clean_scores = np.array([score[k] for k in clean if score[k] is not None])
     swapped_scores = np.array([score[k] for k, t in truth.items() if t == "swapped" and score[k] is not None])
-    swapped_90 = np.quantile(swapped_scores, 0.9)  # a CLIP-score threshold below which 90 % of swapped pairs fall
+    # a swapped caption that names an emoji of another Unicode group than the image's is the easier case
+    caption_group = {r["caption"]: r["group"] for r in read_catalog(catalog).to_pylist()}
+    swapped_across = [rows[k]["group"] != caption_group[rows[k]["caption"]] for k, t in truth.items()
+                      if t == "swapped" and score[k] is not None]
+    auc_by_group = {name: round(roc_auc(clean_scores, swapped_scores[np.array(swapped_across) == across]), 4)
+                    for name, across in (("other_group", True), ("same_group", False))}
+    # a CLIP-score threshold below which 90 % of swapped pairs fall
+    swapped_90 = np.quantile(swapped_scores, 0.9) if len(swapped_scores) else np.nan
 
     result = {"recipe": {k: v for k, v in vars(args).items() if k not in ("workdir", "results")},
               "cpu": cpu_name(), "threads": torch.get_num_threads(), "scoring_model": scorer_info,
@@ -247,6 +262,7 @@ def main() -> None:
               "kept_clean_share": round(1 - removed_share["clean"], 4),
               "clean_represented_share": round(represented / len(clean), 4),
               "clip_score_auc_clean_vs_swapped": round(roc_auc(clean_scores, swapped_scores), 4),
+              "clip_score_auc_by_swapped_caption_group": auc_by_group,
               "clean_kept_at_90_swapped_removed": round(float(np.mean(clean_scores >= swapped_90)), 4),
               "filter_seconds": round(filter_seconds, 1), "kept": manifest.summary.successes,
               "input": manifest.summary.input_rows}
@@ -254,9 +270,11 @@ def main() -> None:
         # the crawl without the validation copies (decontamination alone): what the other rules buy, free of the
         # inflation that training on the evaluation images gives the unfiltered run
         decontaminated = FilterConfig(data=crawl_train, output=str(workdir / "data" / "crawl-decontaminated"),
-                                      decontaminate=(crawl_val,))
+                                      decontaminate=(crawl_val,),
+                                      model=config.model if config.contamination_similarity else None,
+                                      contamination_similarity=config.contamination_similarity)
         shutil.rmtree(decontaminated.output, ignore_errors=True)
-        filter_dataset(decontaminated, progress=False)
+        filter_dataset(decontaminated, functools.partial(model_embedder, decontaminated), progress=False)
         for name, data in (("unfiltered", crawl_train), ("decontaminated_only", decontaminated.output),
                            ("filtered", config.output)):
             seconds, metrics = train_and_evaluate(recipe(data, args.steps, args.seed), {"val": val_list})
