@@ -188,7 +188,8 @@ def main() -> None:
     parser.add_argument("--score-recipe", choices=["demo", "transfer"], default="demo",
                         help="the scoring model's recipe: the demo's, or the cross-style one (see `recipe`)")
     parser.add_argument("--score-with-fluent", action="store_true",
-                        help="the scoring model also trains on Fluent Emoji Flat's training split (bundled)")
+                        help="the scoring model also trains on Fluent Emoji Flat's drawings (bundled) of every emoji "
+                             "outside OpenMoji's validation split")
     parser.add_argument("--steps", type=int, default=300, help="training steps of each compared model")
     parser.add_argument("--clip-score-top-fraction", type=float, default=0.8)
     parser.add_argument("--duplicate-similarity", type=float, default=0.8)
