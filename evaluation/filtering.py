@@ -100,15 +100,11 @@ def write_filter_report(location: str, config: FilterConfig) -> str:
     from evaluation.report import filter_report
 
     manifest = read_manifest(location, config.storage)
-    scans = [t for t in (_read(location, posixpath.join(WORK_DIR, "scan", f"{s.shard:05d}.parquet"), config)
-                         for s in manifest.shards) if t is not None]
     decisions = _read(location, posixpath.join(WORK_DIR, "decisions.parquet"), config)
     scores: dict[str, Any] = {}
-    if scans and decisions is not None and "clip_score" in scans[0].column_names:
-        score = pa.concat_tables([t.select(["key", "clip_score"]) for t in scans])
-        kept = set(decisions.filter(pc.is_null(decisions["reason"]))["key"].to_pylist())
-        values = score["clip_score"].to_numpy(zero_copy_only=False)
-        is_kept = np.array([k in kept for k in score["key"].to_pylist()])
+    if decisions is not None and "clip_score" in decisions.column_names:
+        values = decisions["clip_score"].to_numpy(zero_copy_only=False)
+        is_kept = decisions["reason"].is_null().to_numpy(zero_copy_only=False)
         scores = {"kept": values[is_kept & ~np.isnan(values)], "removed": values[~is_kept & ~np.isnan(values)]}
     page = filter_report(manifest.summary, config.rules(), scores, removed_examples(config))
     fs, path = storage.filesystem(location, config.storage)
