@@ -192,9 +192,6 @@ def main() -> None:
                              "outside OpenMoji's validation split")
     parser.add_argument("--steps", type=int, default=300, help="training steps of each compared model")
     parser.add_argument("--clip-score-top-fraction", type=float, default=0.8)
-    parser.add_argument("--clip-score-relative", action="store_true",
-                        help="judge each pair by its CLIP score relative to the crawl's other pairs (CSLS, see "
-                             "FilterConfig.clip_score_relative)")
     parser.add_argument("--duplicate-similarity", type=float, default=0.8)
     parser.add_argument("--duplicate-hash-distance", type=int, default=8)
     parser.add_argument("--contamination-similarity", type=float, default=None,
@@ -223,7 +220,6 @@ def main() -> None:
 
     config = FilterConfig(data=crawl_train, output=str(workdir / "data" / "crawl-filtered"), model=str(scorer),
                           clip_score_top_fraction=args.clip_score_top_fraction,
-                          clip_score_relative=args.clip_score_relative,
                           duplicate_similarity=args.duplicate_similarity,
                           duplicate_hash_distance=args.duplicate_hash_distance, decontaminate=(crawl_val,),
                           contamination_similarity=args.contamination_similarity)
@@ -246,7 +242,7 @@ def main() -> None:
     clean = [k for k, kind in truth.items() if kind == "clean"]
     represented = sum(reason[k] is None or (reason[k] == "duplicate" and reason.get(detail[k][3:], "x") is None)
                       for k in clean)
-    # the score the rule judged by (relative to the crawl with --clip-score-relative; null for contaminated pairs)
+    # the score the rule judged by (null for pairs an earlier rule removed: the contaminated ones)
     score = dict(zip(decisions["key"].to_pylist(), decisions["clip_score"].to_pylist()))
     clean_scores = np.array([score[k] for k in clean if score[k] is not None])
     swapped_scores = np.array([score[k] for k, t in truth.items() if t == "swapped" and score[k] is not None])

@@ -94,14 +94,6 @@ class FilterConfig(Config):
     clip_score_top_fraction: float | None = Field(None, gt=0, le=1)
     """Keep only this fraction of the best-scoring pairs among those the earlier rules kept (DataComp's best
     single filter kept the top 30 %): clip_score."""
-    clip_score_relative: bool = False
-    """Score each pair against the rest of the data instead of alone: twice its cosine minus the mean cosine of its
-    caption's `relative_neighbours` nearest images and of its image's nearest captions (CSLS, Conneau et al. 2018).
-    Captions and images that match everything lose their head start, and a caption that matches another image of
-    the data better than its own scores low. `min_clip_score` and `clip_score_top_fraction` then apply to this score
-    (near 0 for a typical pair)."""
-    relative_neighbours: int = Field(10, gt=0)
-    """Nearest images (captions) whose mean cosine a relative CLIP score subtracts."""
     duplicate_similarity: float | None = Field(None, gt=0, le=1)
     """Image-embedding cosine at or above which two images are near-duplicates (needs `model`); e.g. 0.95."""
     duplicate_hash_distance: int | None = Field(None, ge=0, le=HASH_BITS)
@@ -250,15 +242,15 @@ def scan_shard(url: str, shard: int, config: FilterConfig, embedder: Embedder | 
         dim = image_vectors.shape[1] if len(images) else 0
         full = np.zeros((len(rows), dim), np.float32)
         score = np.full(len(rows), np.nan, np.float32)
-        texts = np.zeros((len(rows), dim), np.float32)
-        full[embedded], texts[embedded] = image_vectors, text_vectors
-        score[embedded] = np.sum(image_vectors * text_vectors, axis=1)
+        full[embedded], score[embedded] = image_vectors, np.sum(image_vectors * text_vectors, axis=1)
+        mask = np.ones(len(rows), bool)
+        mask[embedded] = False
         table = table.append_column("clip_score", pa.array(score, mask=np.isnan(score)))
-        for name, vectors in (("embedding", full), ("text_embedding", texts)):
-            column = (pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim,
-                                                        mask=pa.array(np.isnan(score)))
-                      if dim else pa.nulls(len(rows), pa.list_(pa.float32())))
-            table = table.append_column(name, column)
+        if dim:
+            flat = pa.array(full.reshape(-1), pa.float32())
+            table = table.append_column("embedding", pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(mask)))
+        else:
+            table = table.append_column("embedding", pa.nulls(len(rows), pa.list_(pa.float32())))
     return table.replace_schema_metadata({b"read_error": json.dumps(read_error).encode()})
 
 
@@ -343,20 +335,6 @@ def greedy_deduplicate(order: np.ndarray, pairs: list[tuple[int, int]], captions
     return removed
 
 
-def relative_scores(scan: pa.Table, rows: np.ndarray, k: int, exact_limit: int) -> np.ndarray:
-    """CSLS scores of `rows` (scanned pairs with embeddings): 2 cos(image, caption) - (mean cosine of the caption's
-    k nearest images + mean cosine of the image's k nearest captions), the neighbours searched among `rows`."""
-    images, texts = _vectors(scan["embedding"].take(rows)), _vectors(scan["text_embedding"].take(rows))
-
-    def mean_nearest(index: np.ndarray, queries: np.ndarray) -> np.ndarray:
-        similarity, found = neighbours(index, queries, k, exact_limit)
-        if not similarity.size:
-            return np.zeros(len(queries))
-        return np.nanmean(np.where(found >= 0, similarity, np.nan), axis=1)
-
-    return 2 * np.sum(images * texts, axis=1) - mean_nearest(images, texts) - mean_nearest(texts, images)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # 3. the evaluation sets to keep out
 
@@ -435,9 +413,6 @@ def decide(scan: pa.Table, config: FilterConfig, references: pa.Table | None) ->
     score = None
     if "clip_score" in scan.column_names:
         score = np.where(alive, np.array(scan["clip_score"].to_numpy(zero_copy_only=False), np.float64), np.nan)
-        if config.clip_score_relative:
-            scored = np.flatnonzero(~np.isnan(score))
-            score[scored] = relative_scores(scan, scored, config.relative_neighbours, config.exact_search_limit)
         low = np.zeros(len(score), bool)
         if config.min_clip_score is not None:
             low |= alive & (score < config.min_clip_score)
@@ -459,7 +434,7 @@ def decide(scan: pa.Table, config: FilterConfig, references: pa.Table | None) ->
             reason[rows[removed]], detail[rows[removed]] = "duplicate", f"of {keys[rows[twin]]}"
     decisions = pa.table({"key": scan["key"], "shard": scan["shard"], "index": scan["index"],
                           "reason": pa.array(list(reason), pa.string()), "detail": pa.array(list(detail), pa.string())})
-    if score is not None:  # the score the CLIP-score rule judged by (relative where configured); null: not judged
+    if score is not None:  # the score the CLIP-score rule judged by; null: removed by an earlier rule
         decisions = decisions.append_column("clip_score", pa.array(score, pa.float64(), mask=np.isnan(score)))
     return decisions, contaminated
 

@@ -108,38 +108,6 @@ def test_clip_score_threshold_and_top_fraction() -> None:
     assert kept == ["k3", "k5", "k8"]  # the three best of ten
 
 
-def with_embeddings(scan: pa.Table, images: np.ndarray, texts: np.ndarray) -> pa.Table:
-    """`scan` with unit image and caption embeddings, and their cosines as the CLIP score."""
-    images, texts = (v / np.linalg.norm(v, axis=1, keepdims=True) for v in (images, texts))
-    scan = scan.set_column(scan.schema.get_field_index("clip_score"), "clip_score",
-                           pa.array(np.sum(images * texts, 1), pa.float32()))
-    for name, vectors in (("embedding", images), ("text_embedding", texts)):
-        scan = scan.append_column(name, pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()),
-                                                                          vectors.shape[1]))
-    return scan
-
-
-def test_relative_clip_score_finds_the_caption_that_belongs_to_another_image() -> None:
-    # eight images, each an axis (the ninth axis is a direction no image has); clean captions point at their image,
-    # except row 2's, a vague caption that leans a little on every image; rows 0 and 1 swapped captions, each of
-    # which names the other's image but resembles its own a little (both drawn alike)
-    images = np.eye(8, 9)
-    texts = np.eye(8, 9) * 0.8
-    texts[:, 8] = 0.6
-    texts[2, :8], texts[2, 2] = 0.3, 0.45
-    texts[0, :2], texts[1, :2] = (0.5, 0.85), (0.85, 0.5)
-    scan = with_embeddings(scan_table([0.0] * 8), images, texts)
-    raw, _ = decide(scan, FilterConfig(data="d", output="o", clip_score_top_fraction=0.75), None)
-    relative, _ = decide(scan, FilterConfig(data="d", output="o", clip_score_top_fraction=0.75,
-                                            clip_score_relative=True, relative_neighbours=2), None)
-    removed = {name: {k for k, r in zip(t["key"].to_pylist(), t["reason"].to_pylist()) if r == "clip_score"}
-               for name, t in (("raw", raw), ("relative", relative))}
-    assert "k2" in removed["raw"]  # alone, the vague clean caption scores lowest
-    assert removed["relative"] == {"k0", "k1"}  # against the data, the captions that fit another image better
-    score = relative["clip_score"].to_numpy()
-    assert np.all(score[2:] > score[:2].max())
-
-
 def test_decontamination_removes_and_lists_copies_of_evaluation_images(tmp_path: Path) -> None:
     evaluation = [(jpeg(drawing(100 + i)), f"an evaluation picture {i}") for i in range(3)]
     training = [(jpeg(drawing(i)), f"a training picture {i}") for i in range(5)]
