@@ -242,8 +242,9 @@ def main() -> None:
     clean = [k for k, kind in truth.items() if kind == "clean"]
     represented = sum(reason[k] is None or (reason[k] == "duplicate" and reason.get(detail[k][3:], "x") is None)
                       for k in clean)
-    # the score the rule judged by (null for pairs an earlier rule removed: the contaminated ones)
-    score = dict(zip(decisions["key"].to_pylist(), decisions["clip_score"].to_pylist()))
+    scan_dir = Path(config.output) / "_filter" / "scan"
+    scan = pa.concat_tables([pq.read_table(p) for p in sorted(scan_dir.glob("*.parquet"))])
+    score = dict(zip(scan["key"].to_pylist(), scan["clip_score"].to_pylist()))
     clean_scores = np.array([score[k] for k in clean if score[k] is not None])
     swapped_scores = np.array([score[k] for k, t in truth.items() if t == "swapped" and score[k] is not None])
     # a swapped caption that names an emoji of another Unicode group than the image's is the easier case

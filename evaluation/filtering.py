@@ -17,27 +17,27 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+from PIL import Image
 
 from pipeline import storage
 from pipeline.filter import WORK_DIR, FilterConfig, filter_dataset
 from pipeline.manifest import Manifest, read_manifest
 from pipeline.shards import iter_shard, sample_image
-from evaluation.embed import encode_images, encode_texts, load_image
+from evaluation.embed import encode_images, encode_texts
 from training.model import CLIP
 from training.tokenizer import Tokenizer
+from training.transforms import center_crop, to_tensor
 
 
 class ModelEmbedder:
     """A clipforge model as `pipeline.filter.Embedder`: unit image and caption embeddings."""
 
-    def __init__(self, model: CLIP, tokenizer: Tokenizer, precision: str = "auto", max_image_bytes: int = 20_000_000,
-                 max_image_pixels: int = 50_000_000):
+    def __init__(self, model: CLIP, tokenizer: Tokenizer, precision: str = "auto"):
         self.model, self.tokenizer, self.precision = model, tokenizer, precision
-        self.max_image_bytes, self.max_image_pixels = max_image_bytes, max_image_pixels
 
-    def images(self, images: list[bytes]) -> np.ndarray:
+    def images(self, images: list[Image.Image]) -> np.ndarray:
         size = self.model.config.image_size
-        batch = torch.stack([load_image(data, size, self.max_image_bytes, self.max_image_pixels)[0] for data in images])
+        batch = torch.stack([to_tensor(center_crop(image, size)) for image in images])  # as `load_image` crops
         return encode_images(self.model, batch, self.precision)  # (B, D)
 
     def texts(self, texts: list[str]) -> np.ndarray:
@@ -52,7 +52,7 @@ def model_embedder(config: FilterConfig) -> ModelEmbedder | None:
     from training.device import announce
 
     model, tokenizer = load_model(config.model, config.storage, announce("filter", config.device, config.precision)[0])
-    return ModelEmbedder(model, tokenizer, config.precision, config.max_image_bytes, config.max_image_pixels)
+    return ModelEmbedder(model, tokenizer, config.precision)
 
 
 def run_filter(config: FilterConfig, progress: bool = True) -> Manifest:

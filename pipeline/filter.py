@@ -140,9 +140,10 @@ class FilterConfig(Config):
 
 
 class Embedder(Protocol):
-    """What the filter needs of a model: unit-length embeddings of images (checked bytes) and of captions."""
+    """What the filter needs of a model: unit-length embeddings of images (decoded by the filter's validator, so
+    each is decoded once) and of captions."""
 
-    def images(self, images: list[bytes]) -> np.ndarray: ...  # (N, D) float32
+    def images(self, images: list[Image.Image]) -> np.ndarray: ...  # (N, D) float32, of decoded, checked images
 
     def texts(self, texts: list[str]) -> np.ndarray: ...  # (N, D) float32
 
@@ -197,52 +198,89 @@ def _language_identifier(config: FilterConfig):
     return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
 
 
+class _Embeddings:
+    """Images (and their captions) embedded `batch_size` at a time as they come, so that a shard's or an evaluation
+    set's decoded images are never all held: by row, the image embedding and (with captions) the pair's cosine."""
+
+    def __init__(self, embedder: Embedder, batch_size: int):
+        self.embedder, self.batch_size = embedder, batch_size
+        self.pending: list[tuple[int, Image.Image, str | None]] = []
+        self.rows: list[int] = []
+        self.vectors: list[np.ndarray] = []
+        self.scores: list[np.ndarray] = []
+
+    def add(self, row: int, image: Image.Image, caption: str | None = None) -> None:
+        self.pending.append((row, image, caption))
+        if len(self.pending) >= self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        rows, images, captions = zip(*self.pending)
+        self.pending = []
+        vectors = np.asarray(self.embedder.images(list(images)), np.float32)
+        self.rows += rows
+        self.vectors.append(vectors)
+        if captions[0] is not None:
+            self.scores.append(np.sum(vectors * np.asarray(self.embedder.texts(list(captions)), np.float32), axis=1))
+
+    def result(self) -> tuple[list[int], np.ndarray, np.ndarray]:
+        """(rows, their image embeddings (N, D), their CLIP scores (N,) where captions were given)."""
+        self.flush()
+        dim = self.vectors[0].shape[1] if self.vectors else 0
+        vectors = np.concatenate(self.vectors) if self.vectors else np.zeros((0, dim), np.float32)
+        return self.rows, vectors, np.concatenate(self.scores) if self.scores else np.zeros(0, np.float32)
+
+
 def scan_shard(url: str, shard: int, config: FilterConfig, embedder: Embedder | None, identifier=None) -> pa.Table:
     """One row per sample of one input shard: key, caption, reason (a one-sample rule failed) or hash (and with an
     embedder, the image embedding and the CLIP score). Metadata `read_error` where the shard broke off."""
     rows: list[dict] = []
-    images: list[bytes] = []  # checked bytes of the rows that passed, for the embedder
+    embeddings = _Embeddings(embedder, config.batch_size) if embedder is not None else None
     read_error = None
-    try:
-        for index, sample in enumerate(iter_shard(url, config.storage)):
-            caption = sample.get("txt", b"").decode("utf-8", errors="replace")
-            row = {"key": sample["__key__"], "shard": shard, "index": index, "caption": caption, "reason": None,
-                   "detail": None, "hash": None, "width": None, "height": None}
-            rows.append(row)
-            data = sample_image(sample)
-            try:
-                if data is None:
-                    raise Fault("missing_image", "the sample has no image file")
-                header = check_image_bytes(data, config.max_image_bytes, config.max_image_pixels)
-                row["width"], row["height"] = header.width, header.height
-                reason = image_reason(header.width, header.height, config)
-                if reason:
-                    raise Fault(reason, f"{header.width}x{header.height}")
-                image = decode_checked(data, config.max_image_bytes, config.max_image_pixels)
-            except Fault as err:
-                row["reason"], row["detail"] = err.kind, err.detail
-                continue
-            row["hash"] = perceptual_hash(image)
-            language = identifier.classify(caption) if identifier is not None else None
-            row["reason"] = caption_reason(caption, config, language)
-            if language is not None:
-                row["detail"] = f"{language[0]} {language[1]:.2f}"
-            if embedder is not None and row["reason"] is None:
-                row["_image"] = len(images)
-                images.append(data)
-    except Exception as err:  # noqa: BLE001 - a broken shard keeps what was read; the rest is counted as unreadable
-        read_error = f"{type(err).__name__}: {err}"
+    samples = iter_shard(url, config.storage)
+    while True:
+        try:
+            sample = next(samples)
+        except StopIteration:
+            break
+        except Exception as err:  # noqa: BLE001 - a broken shard keeps what was read; the rest is counted as unreadable
+            read_error = f"{type(err).__name__}: {err}"
+            break
+        caption = sample.get("txt", b"").decode("utf-8", errors="replace")
+        row = {"key": sample["__key__"], "shard": shard, "index": len(rows), "caption": caption, "reason": None,
+               "detail": None, "hash": None, "width": None, "height": None}
+        rows.append(row)
+        data = sample_image(sample)
+        try:
+            if data is None:
+                raise Fault("missing_image", "the sample has no image file")
+            header = check_image_bytes(data, config.max_image_bytes, config.max_image_pixels)
+            row["width"], row["height"] = header.width, header.height
+            reason = image_reason(header.width, header.height, config)
+            if reason:
+                raise Fault(reason, f"{header.width}x{header.height}")
+            image = decode_checked(data, config.max_image_bytes, config.max_image_pixels)
+        except Fault as err:
+            row["reason"], row["detail"] = err.kind, err.detail
+            continue
+        row["hash"] = perceptual_hash(image)
+        language = identifier.classify(caption) if identifier is not None else None
+        row["reason"] = caption_reason(caption, config, language)
+        if language is not None:
+            row["detail"] = f"{language[0]} {language[1]:.2f}"
+        if embeddings is not None and row["reason"] is None:
+            embeddings.add(len(rows) - 1, image, caption)
     columns = {name: [row[name] for row in rows] for name in
                ("key", "shard", "index", "caption", "reason", "detail", "hash", "width", "height")}
     table = pa.table(columns, schema=_SCAN_SCHEMA)
-    if embedder is not None:
-        embedded = [i for i, row in enumerate(rows) if "_image" in row]
-        image_vectors = _embed_batched(embedder.images, images, config.batch_size)
-        text_vectors = _embed_batched(embedder.texts, [rows[i]["caption"] for i in embedded], config.batch_size)
-        dim = image_vectors.shape[1] if len(images) else 0
+    if embeddings is not None:
+        embedded, image_vectors, scores = embeddings.result()
+        dim = image_vectors.shape[1]
         full = np.zeros((len(rows), dim), np.float32)
         score = np.full(len(rows), np.nan, np.float32)
-        full[embedded], score[embedded] = image_vectors, np.sum(image_vectors * text_vectors, axis=1)
+        full[embedded], score[embedded] = image_vectors, scores
         mask = np.ones(len(rows), bool)
         mask[embedded] = False
         table = table.append_column("clip_score", pa.array(score, mask=np.isnan(score)))
@@ -257,11 +295,6 @@ def scan_shard(url: str, shard: int, config: FilterConfig, embedder: Embedder | 
 _SCAN_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.int64()), ("index", pa.int64()), ("caption", pa.string()),
                           ("reason", pa.string()), ("detail", pa.string()), ("hash", pa.binary(HASH_BITS // 8)),
                           ("width", pa.int64()), ("height", pa.int64())])
-
-
-def _embed_batched(encode, items: list, batch_size: int) -> np.ndarray:
-    parts = [encode(items[start:start + batch_size]) for start in range(0, len(items), batch_size)]
-    return np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, 0), np.float32)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -342,7 +375,7 @@ def greedy_deduplicate(order: np.ndarray, pairs: list[tuple[int, int]], captions
 def reference_features(locations: tuple[str, ...], config: FilterConfig, embedder: Embedder | None) -> pa.Table:
     """Every image of the evaluation sets: source, key, perceptual hash and (with an embedder) embedding."""
     rows: list[dict] = []
-    images: list[bytes] = []
+    embeddings = _Embeddings(embedder, config.batch_size) if embedder is not None else None
     for location in locations:
         for sample in iter_samples(location, config.storage, max_image_bytes=config.max_image_bytes):
             if sample.error or sample.data is None:
@@ -352,11 +385,12 @@ def reference_features(locations: tuple[str, ...], config: FilterConfig, embedde
             except Fault:
                 continue
             rows.append({"source": location, "key": sample.key, "hash": perceptual_hash(image)})
-            images.append(sample.data)
+            if embeddings is not None:
+                embeddings.add(len(rows) - 1, image)
     table = pa.table({name: [r[name] for r in rows] for name in ("source", "key", "hash")},
                      schema=pa.schema([("source", pa.string()), ("key", pa.string()), ("hash", pa.binary(HASH_BITS // 8))]))
-    if embedder is not None and images:
-        vectors = _embed_batched(embedder.images, images, config.batch_size)
+    if embeddings is not None and rows:
+        vectors = embeddings.result()[1]  # every row, in order
         table = table.append_column("embedding", pa.FixedSizeListArray.from_arrays(
             pa.array(vectors.reshape(-1), pa.float32()), vectors.shape[1]))
     return table

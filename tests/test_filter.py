@@ -168,7 +168,8 @@ def test_clip_score_is_the_cosine_of_the_embedding_path_and_the_report_shows_it(
     from training.checkpoint import load_model
 
     config = FilterConfig(data=str(synthetic_shards), output=str(tmp_path / "out"), model=str(tiny_checkpoint),
-                          clip_score_top_fraction=0.5, duplicate_similarity=0.999)
+                          clip_score_top_fraction=0.5, duplicate_similarity=0.999,
+                          batch_size=3)  # several batches per shard, the last one short
     manifest = run_filter(config, progress=False)
     scan = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / "out" / "_filter" / "scan").glob("*.parquet"))])
     model, tokenizer = load_model(str(tiny_checkpoint))
