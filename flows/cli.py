@@ -5,9 +5,13 @@ Errors the user can fix (`UserError`) and invalid configs print one line on stde
 
 from __future__ import annotations
 
+import atexit
 import importlib
+import os
 import signal
 import sys
+import threading
+from typing import NoReturn
 
 import click
 
@@ -80,19 +84,43 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C: every `finally` runs, so what we started is stopped
 
 
+def _exit(code: int) -> NoReturn:
+    """End the process without tearing down native libraries in interpreter finalization: a thread pool still
+    joinable there (Arrow's, apache/arrow#34314) aborts the process (SIGABRT, "terminate called without an active
+    exception") after the command's work and its last line are done. What a normal exit does before that runs
+    here in the same order: wait for the threads that are not daemons, the atexit hooks (logging, multiprocessing,
+    Ray), then flush stdout and stderr."""
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`clipforge ... | head`) or stream: nothing left to deliver
+            pass
+    os._exit(code)
+
+
 def main() -> None:
     signal.signal(signal.SIGTERM, _interrupt)
+    code = 0
     try:
         cli(prog_name="clipforge", standalone_mode=False)
     except (KeyboardInterrupt, click.exceptions.Abort):  # click turns Ctrl-C into Abort
         click.echo("interrupted: everything this command started is stopped; re-run the same command to resume",
                    err=True)
-        sys.exit(130)
+        code = 130
     except click.exceptions.Exit as done:
-        sys.exit(done.exit_code)
+        code = done.exit_code
     except click.ClickException as err:
         err.show()
-        sys.exit(err.exit_code)
+        code = err.exit_code
+    except SystemExit as done:  # sys.exit(n) in a command; a message (not an int) is printed, as Python does
+        if done.code is not None and not isinstance(done.code, int):
+            print(done.code, file=sys.stderr)
+        code = done.code if isinstance(done.code, int) else int(done.code is not None)
+    _exit(code)
 
 
 if __name__ == "__main__":
