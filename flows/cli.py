@@ -88,11 +88,10 @@ def _exit(code: int) -> NoReturn:
     """End the process without tearing down native libraries in interpreter finalization: a thread pool still
     joinable there (Arrow's, apache/arrow#34314) aborts the process (SIGABRT, "terminate called without an active
     exception") after the command's work and its last line are done. What a normal exit does before that runs
-    here in the same order: wait for the threads that are not daemons, the atexit hooks (logging, multiprocessing,
-    Ray), then flush stdout and stderr."""
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    here, in its order and through its own functions: threading's shutdown (thread pools told to stop, then the
+    threads that are not daemons joined), the atexit hooks (logging, multiprocessing, Ray), then the flush of stdout
+    and stderr."""
+    threading._shutdown()  # type: ignore[attr-defined]
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
