@@ -92,7 +92,13 @@ def load_image(data: bytes, image_size: int, max_image_bytes: int, max_image_pix
     The header is checked first (`pipeline.images.decode_checked`): a file declaring more than `max_image_pixels`
     pixels is never decompressed.
     """
-    image = center_crop(decode_checked(data, max_image_bytes, max_image_pixels), image_size)
+    return model_input(decode_checked(data, max_image_bytes, max_image_pixels), image_size)
+
+
+def model_input(image: Image.Image, image_size: int) -> tuple[torch.Tensor, Image.Image]:
+    """A decoded image -> ((3, S, S) model input, the centre-cropped PIL image): the one crop of evaluation,
+    embedding and filtering."""
+    image = center_crop(image, image_size)
     return to_tensor(image), image
 
 

@@ -23,10 +23,9 @@ from pipeline import storage
 from pipeline.filter import WORK_DIR, FilterConfig, filter_dataset
 from pipeline.manifest import Manifest, read_manifest
 from pipeline.shards import iter_shard, sample_image
-from evaluation.embed import encode_images, encode_texts
+from evaluation.embed import encode_images, encode_texts, model_input
 from training.model import CLIP
 from training.tokenizer import Tokenizer
-from training.transforms import center_crop, to_tensor
 
 
 class ModelEmbedder:
@@ -37,7 +36,7 @@ class ModelEmbedder:
 
     def images(self, images: list[Image.Image]) -> np.ndarray:
         size = self.model.config.image_size
-        batch = torch.stack([to_tensor(center_crop(image, size)) for image in images])  # as `load_image` crops
+        batch = torch.stack([model_input(image, size)[0] for image in images])
         return encode_images(self.model, batch, self.precision)  # (B, D)
 
     def texts(self, texts: list[str]) -> np.ndarray:
