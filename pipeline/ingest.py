@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
@@ -46,6 +47,7 @@ from pipeline.storage import StorageConfig
 from pipeline.tables import read_table
 
 WORK_DIR = "_clipforge"
+SETTINGS_NAME = "settings.json"  # the shard settings, readable (`image_settings`)
 # columns img2dataset adds to each sample's json; an input column of the same name would be overwritten
 _RESERVED = {"key", "status", "error_message", "width", "height", "original_width", "original_height", "exif", "sha256"}
 
@@ -247,6 +249,37 @@ def _shard_settings(config: IngestConfig) -> dict:
     return {k: getattr(config, k) for k in keys}
 
 
+IMAGE_SETTINGS = ("image_size", "resize_mode", "image_format", "encode_quality")  # what shapes a stored image
+
+
+def image_settings(dataset: str, config: StorageConfig | None = None) -> dict | None:
+    """How ingest stored the images of `dataset` (`IMAGE_SETTINGS`); None for anything else (an image list, a folder,
+    a dataset of an older ingest or of the filter)."""
+    fs, path = storage.filesystem(dataset, config)
+    try:
+        settings = json.loads(fs.cat_file(posixpath.join(path, WORK_DIR, SETTINGS_NAME)))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return {k: settings[k] for k in IMAGE_SETTINGS}
+
+
+def stored_like(settings: dict) -> Callable[[bytes], bytes]:
+    """Image bytes -> what ingest with these `image_settings` stores for them (img2dataset's resizer), to compare outside
+    images with a dataset's. Bytes the resizer refuses are returned as they are."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations (imported by img2dataset) phones home
+    from img2dataset.resizer import Resizer
+
+    resizer = Resizer(image_size=settings["image_size"], resize_mode=settings["resize_mode"],
+                      resize_only_if_bigger=False, encode_format=settings["image_format"],
+                      encode_quality=settings["encode_quality"])
+
+    def store(data: bytes) -> bytes:
+        stored, *_, error = resizer(io.BytesIO(data))
+        return data if error or stored is None else stored
+
+    return store
+
+
 def write_input_once(output: str, prepared: pa.Table, rejected: pa.Table, config: IngestConfig) -> str:
     """Write the input (and its fingerprint) the first time; on a re-run check it is the same. Returns its location."""
     fs, path = storage.filesystem(output, config.storage)
@@ -265,6 +298,7 @@ def write_input_once(output: str, prepared: pa.Table, rejected: pa.Table, config
         fs.makedirs(work, exist_ok=True)
         fs.pipe_file(posixpath.join(work, "input.parquet"), data)
         fs.pipe_file(posixpath.join(work, "rejected.parquet"), _parquet_bytes(rejected))
+        fs.pipe_file(posixpath.join(work, SETTINGS_NAME), json.dumps(_shard_settings(config), indent=2).encode())
         fs.pipe_file(fingerprint_path, fingerprint.encode())  # last: its presence means the input is complete
     return storage.join(output, WORK_DIR, "input.parquet")
 

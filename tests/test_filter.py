@@ -127,6 +127,47 @@ def test_decontamination_removes_and_lists_copies_of_evaluation_images(tmp_path:
     assert len(kept_keys(tmp_path / "out")) == 5
 
 
+def test_evaluation_originals_are_compared_as_ingest_stored_the_training_images(tmp_path: Path) -> None:
+    """An evaluation folder of PNG originals against a dataset ingest stored as JPEG: each original is stored as the
+    training images were before hashing, so copies match at the default distance; a set with no copy removes none."""
+    import json
+
+    from pipeline.ingest import SETTINGS_NAME, WORK_DIR, stored_like
+
+    settings = {"image_size": 40, "resize_mode": "center_crop", "image_format": "jpg", "encode_quality": 75}
+    store = stored_like(settings)
+    originals = tmp_path / "originals"
+    originals.mkdir()
+    for i in range(3):
+        drawing(100 + i, (56, 56)).save(originals / f"eval-{i}.png")
+    # what ingest stores for six pictures of its own and copies of the first two originals (downloaded as PNG)
+    pictures = [drawing(i, (56, 56)) for i in range(6)] + [Image.open(originals / f"eval-{i}.png") for i in range(2)]
+    stored = []
+    for picture in pictures:
+        buffer = io.BytesIO()
+        picture.save(buffer, "PNG")
+        stored.append((store(buffer.getvalue()), f"a training picture {len(stored)}"))
+    data = write_pairs(tmp_path / "data", [stored])
+    (data / WORK_DIR).mkdir()
+    (data / WORK_DIR / SETTINGS_NAME).write_text(json.dumps({**settings, "samples_per_shard": 256}))
+    assert Image.open(io.BytesIO(stored[0][0])).size == (40, 40)
+
+    manifest = filter_dataset(FilterConfig(data=str(data), output=str(tmp_path / "out"),
+                                           decontaminate=(str(originals),)), progress=False)
+    assert manifest.summary.failures == {"contaminated": 2}
+    listed = pq.read_table(tmp_path / "out" / "decontaminated.parquet").to_pylist()
+    assert [(row["key"], row["evaluation_key"], row["value"]) for row in listed] == [
+        ("000000006", "eval-0.png", 0), ("000000007", "eval-1.png", 0)]
+
+    originals_2 = tmp_path / "no-copies"
+    originals_2.mkdir()
+    drawing(200, (56, 56)).save(originals_2 / "other.png")
+    clean = filter_dataset(FilterConfig(data=str(data), output=str(tmp_path / "out-2"),
+                                        decontaminate=(str(originals_2),)), progress=False)
+    assert clean.summary.failures == {} and clean.summary.successes == 8
+    assert pq.read_table(tmp_path / "out-2" / "decontaminated.parquet").num_rows == 0
+
+
 def test_perceptual_hash_survives_reencoding_and_tells_pictures_apart() -> None:
     def distance(a: Image.Image, b: Image.Image) -> int:
         return int(np.unpackbits(np.frombuffer(perceptual_hash(a), np.uint8) ^ np.frombuffer(perceptual_hash(b), np.uint8)).sum())
