@@ -25,14 +25,13 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.brand_flow import brand_score_flow
 from flows.evaluate_flow import evaluate_flow, headline_metrics, metric_rows
-from flows.filter_flow import filter_flow
+from flows.filter_flow import filter_train_set
 from flows.ingest_flow import ingest_flow
 from flows.params import (BrandSettings, ClipTrainRegistry, EvaluationSettings, FilterSettings, IngestParams,
                           TrainSettings, demo_settings, retry_options, settings_dump, with_defaults)
 from flows.train_flow import train_flow
 from pipeline import storage
 from pipeline.errors import UserError
-from pipeline.filter import FilterConfig
 from pipeline.ingest import IngestConfig
 from pipeline.registry import ModelVersion, promote, promoted, register_model
 from pipeline.storage import StorageConfig
@@ -156,10 +155,9 @@ def clip_train(
     filtered = None
     if filtering.enabled:
         with phases("filter"):
-            datasets["train"] = filtered = filter_flow(FilterConfig(
-                data=datasets["train"].location, output=storage.join(ingest.output, "train-filtered"),
-                decontaminate=(*filtering.decontaminate, datasets["val"].location),
-                **settings_dump(filtering, exclude=("enabled", "decontaminate"))))
+            datasets["train"] = filtered = filter_train_set(filtering, datasets["train"].location,
+                                                            storage.join(ingest.output, "train-filtered"),
+                                                            [datasets["val"].location])
     train_config = TrainConfig(data=datasets["train"].location, **settings_dump(train))
     with phases("train"):
         result = train_flow(train_config)
@@ -215,6 +213,14 @@ def clip_train(
     return version
 
 
+def filter_line(filtered: Any) -> str:
+    """The report's line on the filter step: where its report is, what it kept and removed."""
+    summary = filtered.summary
+    removed = ", ".join(f"{reason} {count}" for reason, count in summary.failures.items()) or "none"
+    return (f"- filter report: {location_link(storage.join(filtered.location, 'report.html'))} "
+            f"(kept {summary.successes} of {summary.input_rows}; removed: {removed})")
+
+
 def report_markdown(version: ModelVersion, result: Any, datasets: dict[str, Any], filtered: Any | None,
                     eval_config: EvaluateConfig, rows: list[dict[str, Any]], brand_summary: dict[str, Any] | None,
                     run_output: str, promotion_note: str) -> str:
@@ -229,10 +235,7 @@ def report_markdown(version: ModelVersion, result: Any, datasets: dict[str, Any]
         lines.append(f"- {split} dataset manifest: {location_link(storage.join(manifest.location, 'manifest.parquet'))}"
                      f" ({manifest.summary.successes} samples, {manifest.summary.success_rate:.1%} of the list)")
     if filtered is not None:
-        summary = filtered.summary
-        removed = ", ".join(f"{reason} {count}" for reason, count in summary.failures.items()) or "none"
-        lines.append(f"- filter report: {location_link(storage.join(filtered.location, 'report.html'))} "
-                     f"(kept {summary.successes} of {summary.input_rows}; removed: {removed})")
+        lines.append(filter_line(filtered))
     lines.append(f"- evaluation report: {location_link(storage.join(eval_config.output, 'report.html'))}")
     if brand_summary is not None:
         lines += [f"- brand scores report: {location_link(storage.join(run_output, 'brand', 'scores', 'report.html'))}",

@@ -3,17 +3,20 @@
 
 The task is a thin wrapper over `run_filter`, which resumes pass by pass and shard by shard, so a retried or re-run
 task reuses what it wrote. The UI shows the samples kept and removed by reason (table artifact); the HTML report
-lies beside the filtered shards.
+lies beside the filtered shards. `filter_train_set` is the filter step of `clip-train` and `nightly-finetune`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
+from evaluation.embed import is_embedding_table
 from evaluation.filtering import run_filter
 from flows.ingest_flow import summary_rows
-from flows.params import retry_options
+from flows.params import FilterSettings, retry_options, settings_dump
 from pipeline import storage
 from pipeline.filter import FilterConfig
 from pipeline.manifest import Manifest
@@ -38,3 +41,16 @@ def filter_flow(config: FilterConfig) -> Manifest:
              "value": row["value"]} for row in summary_rows(manifest) if row["item"] != "success rate"]
     create_table_artifact(rows, key="filter-summary", description=f"Filter of {config.data} into {manifest.location}")
     return manifest
+
+
+def filter_train_set(settings: FilterSettings, data: str, output: str, evaluation_sets: Iterable[str]) -> Manifest:
+    """The filter step of a training flow: `settings` applied to the ingested `data`, the flow's evaluation sets
+    among those decontaminated against (an embedding table holds no images to compare, so it is left out)."""
+    references = list(settings.decontaminate)
+    for location in evaluation_sets:
+        if location.lower().endswith(".parquet") and is_embedding_table(location, settings.storage):
+            get_run_logger().warning("not decontaminating against %s: an embedding table holds no images", location)
+        else:
+            references.append(location)
+    return filter_flow(FilterConfig(data=data, output=output, decontaminate=tuple(dict.fromkeys(references)),
+                                    **settings_dump(settings, exclude=("enabled", "decontaminate"))))

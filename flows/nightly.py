@@ -1,14 +1,17 @@
 """The `nightly-finetune` flow: fine-tune the promoted model on URL lists that arrived since the last run, and
 promote the result only if it is not worse on a fixed validation set.
 
-    new lists under `incoming` ─> combine ─> ingest ─> fine-tune from the promoted model ─> evaluate candidate
+    new lists under `incoming` ─> combine ─> ingest ─> filter ─> fine-tune from the promoted model ─> evaluate candidate
     and promoted model on the same validation set ─> register the candidate ─> promote it if
     candidate >= promoted - tolerance ─> record the lists as processed
 
 A small state file (`NightlyState`: the processed list names and the last run's time) remembers what was done. It is
 written only at the end of a successful run, atomically (a temporary file and `os.replace` locally, one PUT on S3),
 so a killed or failed run leaves the old state and the next run retries the same lists, reusing their ingest and
-training. With no new list the run ends at once in a Completed state whose message says "nothing to do".
+training. With no new list the run ends at once in a Completed state whose message says "nothing to do". The new
+data is filtered as clip-train filters its training set (`filtering`, basic rules by default), and decontaminated
+against `validation` and `domain_validation`, so a copy of a validation image that arrives in a list is never
+trained on.
 
 With `domain_validation` (the new catalog's validation set) the candidate is chosen by WiSE-FT: the promoted and the
 fine-tuned weights are mixed over a grid, each mix is evaluated on the domain set and on `validation` (the guardrail),
@@ -38,11 +41,12 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Completed
 from pydantic import BaseModel, Field
 
-from flows.clip_train import location_link, metrics_markdown, promote_task, register_task
+from flows.clip_train import filter_line, location_link, metrics_markdown, promote_task, register_task
 from flows.evaluate_flow import evaluate_flow, headline_metrics, metric_rows, metric_value
+from flows.filter_flow import filter_train_set
 from flows.ingest_flow import ingest_flow
-from flows.params import (EvaluationSettings, FinetuneSettings, IngestSettings, RegistrySettings, retry_options,
-                          settings_dump)
+from flows.params import (EvaluationSettings, FilterSettings, FinetuneSettings, IngestSettings, RegistrySettings,
+                          retry_options, settings_dump)
 from flows.train_flow import train_flow
 from pipeline import storage
 from pipeline.config import Config
@@ -262,6 +266,7 @@ def nightly_finetune(
     nightly: NightlyParams = NightlyParams(),
     train: FinetuneSettings = FinetuneSettings(),  # type: ignore[valid-type]
     ingest: IngestSettings = IngestSettings(),  # type: ignore[valid-type]
+    filtering: FilterSettings = FilterSettings(),  # type: ignore[valid-type]
     evaluation: EvaluationSettings = EvaluationSettings(),  # type: ignore[valid-type]
     registry: RegistrySettings = RegistrySettings(),
 ) -> Any:
@@ -283,6 +288,10 @@ def nightly_finetune(
     urls = combine_task([storage.join(nightly.incoming, n) for n in new], storage.join(batch_root, "urls.parquet"),
                         store)
     dataset = ingest_flow(IngestConfig(urls=urls, output=storage.join(batch_root, "shards"), **settings_dump(ingest)))
+    filtered = None
+    if filtering.enabled:
+        dataset = filtered = filter_train_set(filtering, dataset.location, storage.join(batch_root, "shards-filtered"),
+                                              [nightly.validation, *filter(None, [nightly.domain_validation])])
 
     run_output = storage.join(storage.absolute(train.output), batch)
     train_config = TrainConfig(**{**settings_dump(train), "output": run_output}, data=dataset.location,
@@ -326,7 +335,7 @@ def nightly_finetune(
             for r in metric_rows(candidate_metrics)]
     create_table_artifact(rows, key="nightly-metrics",
                           description=f"{version.ref} vs the promoted {parent.ref} on {nightly.validation}")
-    report = nightly_markdown(version, parent, promote, reason, new, dataset.location, result.model, run_output,
+    report = nightly_markdown(version, parent, promote, reason, new, dataset, filtered, result.model, run_output,
                               metric_rows(candidate_metrics))
     create_markdown_artifact(report + ("" if wise is None else wise_markdown(wise, nightly)), key="nightly-report",
                              description=f"{'promoted' if promote else 'kept'}: {reason}")
@@ -401,13 +410,16 @@ def _rounded(value: float | None) -> float | str:
 
 
 def nightly_markdown(version: ModelVersion, parent: ModelVersion, promote: bool, reason: str, lists: list[str],
-                     dataset: str, model: str, run_output: str, rows: list[dict[str, Any]]) -> str:
+                     dataset: Any, filtered: Any | None, model: str, run_output: str,
+                     rows: list[dict[str, Any]]) -> str:
     verdict = (f"**Promoted {version.ref}** (fine-tuned from {parent.ref})." if promote else
                f"**Kept {parent.ref}**: the fine-tuned {version.ref} is registered but not promoted.")
     lines = ["# nightly-finetune", "", verdict, "", f"Why: {reason}.", "", "## Candidate on the validation set", "",
              metrics_markdown(rows), "", "## Inputs and outputs", "",
              f"- new URL lists: {', '.join(f'`{n}`' for n in lists)}",
-             f"- dataset manifest: {location_link(storage.join(dataset, 'manifest.parquet'))}",
+             f"- dataset manifest: {location_link(storage.join(dataset.location, 'manifest.parquet'))} "
+             f"({dataset.summary.successes} samples)",
+             *([filter_line(filtered)] if filtered is not None else []),
              f"- fine-tuned checkpoint: {location_link(model)}",
              f"- registered version: {location_link(version.location)}",
              f"- evaluation reports: {location_link(storage.join(run_output, 'eval-candidate', 'report.html'))}, "

@@ -27,6 +27,7 @@ from flows.params import (EvaluationSettings, FinetuneSettings, IngestParams, In
                           demo_settings, retry_unless_user_error)
 from pipeline.errors import UserError
 from pipeline.ingest import json_safe
+from pipeline.manifest import read_manifest
 from pipeline.registry import get_version, list_versions, promote, promoted, promotion, register_model
 
 # --- parameter models -----------------------------------------------------------------------------------------------
@@ -219,9 +220,10 @@ def nightly_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     with prefect_server(root / "prefect") as server, serve_directory(catalog) as base_url, \
             temporary_settings(updates={PREFECT_API_URL: server.api_url}):
         train_list = write_url_list(catalog, base_url, "train", root / "lists" / "train.parquet")
+        val_list = write_url_list(catalog, base_url, "val", root / "lists" / "val.parquet")
         try:
             yield {"root": root, "registry": registry, "validation": str(validation), "train_list": train_list,
-                   "api_url": server.api_url}
+                   "val_list": val_list, "api_url": server.api_url}
         finally:
             from prefect.logging.handlers import APILogHandler
 
@@ -289,17 +291,25 @@ def test_nightly_promotes_refuses_and_has_nothing_to_do(nightly_env: dict) -> No
     train_rows = pq.read_table(nightly_env["train_list"])
     (root / "incoming").mkdir()
 
-    # 1. new data, a tolerance any candidate meets: fine-tuned from clip@1, registered as clip@2 and promoted
+    # 1. new data, a tolerance any candidate meets: fine-tuned from clip@1, registered as clip@2 and promoted; the
+    # list also carries 5 copies of validation images, which the filter step removes before training
     started = time.monotonic()
-    pq.write_table(train_rows.slice(0, 96), root / "incoming" / "day1.parquet")
+    copies = pq.read_table(nightly_env["val_list"]).slice(0, 5)
+    pq.write_table(pa.concat_tables([train_rows.slice(0, 96), copies]), root / "incoming" / "day1.parquet")
     state = _nightly(nightly_env, tolerance=1.0)
     assert state.is_completed(), state.message
     result = state.result()
     assert result["promoted"] is True and result["lists"] == ["day1.parquet"]
     assert promoted(registry, "clip").version == 2
     assert get_version(registry, "clip", 2).parent == "clip@1"
+    trained_on = get_version(registry, "clip", 2).dataset[0]  # the filtered new data
+    # the copies were re-encoded by ingest (JPEG) and the validation list holds the PNG originals: all five found
+    decontaminated = pq.read_table(Path(trained_on) / "decontaminated.parquet")
+    assert set(decontaminated["evaluation_key"].to_pylist()) == {u.split("/", 3)[3] for u in copies["url"].to_pylist()}
+    summary = read_manifest(trained_on).summary
+    assert summary.input_rows == 101 == summary.successes + summary.failed
     report = _artifacts(state.state_details.flow_run_id)["nightly-report"]
-    assert "Promoted clip@2" in report.data
+    assert "Promoted clip@2" in report.data and "contaminated" in report.data
     print(f"nightly with new data, promoted: {time.monotonic() - started:.0f} s")
 
     # 2. another list, a tolerance no candidate meets (it must improve by 1.0): registered as clip@3, not promoted
