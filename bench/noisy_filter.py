@@ -15,6 +15,11 @@
 3. `clipforge filter` (with that model) removes pairs by CLIP score (`--clip-score-top-fraction`), near-duplicates
    by embedding and perceptual hash (same caption), and copies of validation images; the script counts, per truth,
    the share removed, and the CLIP-score AUC of clean against swapped pairs.
+   `--self-train-steps N`: a second round. The crawl is cut in two halves by emoji (an image and its perturbed copies
+   on the same side); for each half, the scoring model is fine-tuned for N steps on the seed plus that half's pairs
+   it scored best (`--self-train-top` of those the other rules kept), and each half is filtered again with the model
+   fine-tuned on the other half, so no pair is judged by a model that trained on it (cross-fitting). The two
+   filtered halves together are the filtered crawl.
 4. Three models train for the same `--steps` on the unfiltered crawl, on the crawl with only the validation copies
    removed (decontamination alone) and on the filtered crawl; each is evaluated on the validation split
    (text-to-image R@10 and zero-shot group accuracy).
@@ -27,11 +32,13 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import io
 import json
 import os
 import random
 import shutil
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -50,7 +57,7 @@ from pipeline.catalog import (CATALOG_FILE, build_fluent_catalog, build_openmoji
                               serve_catalogs)
 from pipeline.filter import FilterConfig, filter_dataset  # noqa: E402
 from pipeline.ingest import IngestConfig, ingest  # noqa: E402
-from pipeline.manifest import MANIFEST_NAME  # noqa: E402
+from pipeline.manifest import MANIFEST_NAME, IngestSummary, ShardInfo, write_manifest  # noqa: E402
 from pipeline.shards import iter_dataset  # noqa: E402
 from training.device import cpu_name  # noqa: E402
 from training.model import MODEL_PRESETS  # noqa: E402
@@ -166,6 +173,106 @@ def sample_rows(dataset: str) -> dict[str, dict]:
     return {s["__key__"]: json.loads(s["json"]) for s in iter_dataset(dataset)}
 
 
+def write_dataset(folder: Path, samples, per_shard: int = 500) -> str:
+    """A dataset (tar shards and a manifest, as ingest writes them) of `samples` (dicts as `iter_dataset` yields),
+    written again from scratch."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    shards: list[ShardInfo] = []
+    tar, count = None, 0
+    for sample in samples:
+        if count % per_shard == 0:
+            if tar is not None:
+                tar.close()
+            tar = tarfile.open(folder / f"{len(shards):05d}.tar", "w", format=tarfile.USTAR_FORMAT)
+            shards.append(ShardInfo(len(shards), f"{len(shards):05d}.tar", 0, 0, 0, 0))
+        for extension, data in sample.items():
+            if not extension.startswith("__"):
+                info = tarfile.TarInfo(f"{sample['__key__']}.{extension}")
+                info.size, info.mode = len(data), 0o644
+                tar.addfile(info, io.BytesIO(data))
+        count += 1
+    if tar is not None:
+        tar.close()
+    sizes = [min(per_shard, count - i * per_shard) for i in range(len(shards))]
+    shards = [ShardInfo(s.shard, s.path, n, n, 0, (folder / s.path).stat().st_size) for s, n in zip(shards, sizes)]
+    write_manifest(str(folder), shards, IngestSummary(input_rows=count, successes=count, shards=len(shards),
+                                                       bytes=sum(s.bytes for s in shards)))
+    return str(folder)
+
+
+def judged(output: str) -> tuple[dict[str, str | None], dict[str, str | None], dict[str, float | None]]:
+    """(reason, detail, CLIP score) of every sample of a filter run, by key: its decision (None: kept), the decision's
+    detail, and its score (also for pairs an earlier rule removed)."""
+    decisions = pq.read_table(Path(output) / "_filter" / "decisions.parquet")
+    scan = pa.concat_tables([pq.read_table(p) for p in sorted((Path(output) / "_filter" / "scan").glob("*.parquet"))])
+    keys = decisions["key"].to_pylist()
+    return (dict(zip(keys, decisions["reason"].to_pylist())), dict(zip(keys, decisions["detail"].to_pylist())),
+            dict(zip(scan["key"].to_pylist(), scan["clip_score"].to_pylist())))
+
+
+def score_quality(truth: dict[str, str], score: dict[str, float | None], rows: dict[str, dict],
+                  caption_group: dict[str, str]) -> dict:
+    """How well the CLIP score tells clean pairs from swapped ones: ROC AUC (overall, and by whether the swapped
+    caption names an emoji of the image's Unicode group), and the share of clean pairs kept by the threshold that
+    removes 90 % of swapped pairs."""
+    clean = np.array([score[k] for k, t in truth.items() if t == "clean" and score[k] is not None])
+    swapped_keys = [k for k, t in truth.items() if t == "swapped" and score[k] is not None]
+    swapped = np.array([score[k] for k in swapped_keys])
+    # a swapped caption that names an emoji of another Unicode group than the image's is the easier case
+    across = np.array([rows[k]["group"] != caption_group[rows[k]["caption"]] for k in swapped_keys])
+    swapped_90 = np.quantile(swapped, 0.9) if len(swapped) else np.nan
+    return {"clip_score_auc_clean_vs_swapped": round(roc_auc(clean, swapped), 4),
+            "clip_score_auc_by_swapped_caption_group": {
+                name: round(roc_auc(clean, swapped[across == value]), 4)
+                for name, value in (("other_group", True), ("same_group", False))},
+            "clean_kept_at_90_swapped_removed": round(float(np.mean(clean >= swapped_90)), 4)}
+
+
+def self_trained_filter(args, rules: dict, scorer: Path, seed_train: str, crawl_train: str, workdir: Path,
+                        first: tuple[dict, dict, dict], rows: dict[str, dict]) -> tuple[str, tuple[dict, dict, dict]]:
+    """The second round (module docstring, step 3): (the filtered crawl, its reason, detail and score by key)."""
+    reason, _, score = first
+    half = {key: int(hashlib.sha256(row["hexcode"].encode()).hexdigest()[:8], 16) % 2 for key, row in rows.items()}
+    samples = {s["__key__"]: s for s in iter_dataset(crawl_train)}
+    models = []
+    for side in (0, 1):
+        # the pairs of this half the other rules kept, best CLIP score first
+        ranked = sorted((k for k in samples if half[k] == side and reason[k] in (None, "clip_score")),
+                        key=lambda k: -score[k])
+        confident = ranked[:round(args.self_train_top * len(ranked))]
+        data = write_dataset(workdir / "data" / f"self-train-{side}",
+                             [*(dict(s, __key__=f"seed{s['__key__']}") for s in iter_dataset(seed_train)),
+                              *(samples[k] for k in confident)])
+        model = scorer.with_name(f"{scorer.name}-self{args.self_train_steps}-top{args.self_train_top}-half{side}")
+        if not (model / "model.safetensors").exists():
+            config = recipe(data, args.self_train_steps, args.seed, transfer=args.score_recipe == "transfer")
+            # from the scorer, at a fine-tune's rate
+            config = config.model_copy(update={"init_from": str(scorer), "lr": 2e-4, "seed": args.seed + 1 + side})
+            train_and_evaluate(config, {}, keep_model=model)
+        models.append(model)
+    outputs, decided = [], ({}, {}, {})
+    for side in (0, 1):
+        data = write_dataset(workdir / "data" / f"crawl-half{side}",
+                             (s for k, s in samples.items() if half[k] == side))
+        output = str(workdir / "data" / f"crawl-filtered-half{side}")
+        run_filter_bench(FilterConfig(data=data, output=output, model=str(models[1 - side]), **rules))
+        outputs.append(output)
+        for whole, part in zip(decided, judged(output)):
+            whole.update(part)
+    filtered = write_dataset(workdir / "data" / "crawl-filtered-self-trained",
+                             (s for output in outputs for s in iter_dataset(output)))
+    return filtered, decided
+
+
+def run_filter_bench(config: FilterConfig) -> float:
+    """`clipforge filter` as the command runs it (with the model's embedder), from scratch; its seconds."""
+    shutil.rmtree(config.output, ignore_errors=True)  # the rules may have changed since the last run
+    started = time.perf_counter()
+    filter_dataset(config, functools.partial(model_embedder, config) if config.model else None, progress=False)
+    return time.perf_counter() - started
+
+
 def recipe(data: str, steps: int, seed: int, transfer: bool = False) -> TrainConfig:
     """The demo's recipe (small preset, patch dropout 0.5, caption lists) for `steps` steps; `transfer`: the
     cross-style recipe of README "Transfer to a drawing style never seen", ablation row G (blur, resolution and rotate
@@ -190,6 +297,11 @@ def main() -> None:
     parser.add_argument("--score-with-fluent", action="store_true",
                         help="the scoring model also trains on Fluent Emoji Flat's drawings (bundled) of every emoji "
                              "outside OpenMoji's validation split")
+    parser.add_argument("--self-train-steps", type=int, default=0,
+                        help="a second round: fine-tune the scoring model this many steps on the seed plus the crawl "
+                             "pairs it scored best, cross-fitted over two halves of the crawl (0: one round)")
+    parser.add_argument("--self-train-top", type=float, default=0.6,
+                        help="share of each half's pairs (those the other rules kept) the second round trains on")
     parser.add_argument("--steps", type=int, default=300, help="training steps of each compared model")
     parser.add_argument("--clip-score-top-fraction", type=float, default=0.8)
     parser.add_argument("--duplicate-similarity", type=float, default=0.8)
@@ -218,55 +330,44 @@ def main() -> None:
         (scorer / "bench.json").write_text(json.dumps({"train_seconds": round(seconds), **summary(metrics["val"])}))
     scorer_info = json.loads((scorer / "bench.json").read_text())
 
-    config = FilterConfig(data=crawl_train, output=str(workdir / "data" / "crawl-filtered"), model=str(scorer),
-                          clip_score_top_fraction=args.clip_score_top_fraction,
-                          duplicate_similarity=args.duplicate_similarity,
-                          duplicate_hash_distance=args.duplicate_hash_distance, decontaminate=(crawl_val,),
-                          contamination_similarity=args.contamination_similarity)
-    shutil.rmtree(config.output, ignore_errors=True)  # the rules may have changed since the last run
-    started = time.perf_counter()
-    manifest = filter_dataset(config, functools.partial(model_embedder, config), progress=False)
-    filter_seconds = time.perf_counter() - started
-
+    rules = dict(clip_score_top_fraction=args.clip_score_top_fraction, duplicate_similarity=args.duplicate_similarity,
+                 duplicate_hash_distance=args.duplicate_hash_distance, decontaminate=(crawl_val,),
+                 contamination_similarity=args.contamination_similarity)
+    config = FilterConfig(data=crawl_train, output=str(workdir / "data" / "crawl-filtered"), model=str(scorer), **rules)
+    filter_seconds = run_filter_bench(config)
+    filtered = config.output
     rows = sample_rows(crawl_train)
     truth = {key: row["truth"] for key, row in rows.items()}
-    decisions = pq.read_table(Path(config.output) / "_filter" / "decisions.parquet")
-    reason = dict(zip(decisions["key"].to_pylist(), decisions["reason"].to_pylist()))
+    caption_group = {r["caption"]: r["group"] for r in read_catalog(catalog).to_pylist()}
+    decided = judged(config.output)
+    first_round = score_quality(truth, decided[2], rows, caption_group)
+    if args.self_train_steps:
+        started = time.perf_counter()
+        filtered, decided = self_trained_filter(args, rules, scorer, seed_train, crawl_train, workdir, decided, rows)
+        self_train_seconds = time.perf_counter() - started
+    reason, detail, score = decided
+
     outcome: dict[str, dict[str, int]] = {t: {} for t in TRUTHS}
     for key, kind in truth.items():
         outcome[kind][reason[key] or "kept"] = outcome[kind].get(reason[key] or "kept", 0) + 1
     removed_share = {kind: round(1 - counts.get("kept", 0) / max(1, sum(counts.values())), 4)
                      for kind, counts in outcome.items()}
     # a clean pair removed as the duplicate of its own kept copy is still in the data (the copy stands in for it)
-    detail = dict(zip(decisions["key"].to_pylist(), decisions["detail"].to_pylist()))
     clean = [k for k, kind in truth.items() if kind == "clean"]
     represented = sum(reason[k] is None or (reason[k] == "duplicate" and reason.get(detail[k][3:], "x") is None)
                       for k in clean)
-    scan_dir = Path(config.output) / "_filter" / "scan"
-    scan = pa.concat_tables([pq.read_table(p) for p in sorted(scan_dir.glob("*.parquet"))])
-    score = dict(zip(scan["key"].to_pylist(), scan["clip_score"].to_pylist()))
-    clean_scores = np.array([score[k] for k in clean if score[k] is not None])
-    swapped_scores = np.array([score[k] for k, t in truth.items() if t == "swapped" and score[k] is not None])
-    # a swapped caption that names an emoji of another Unicode group than the image's is the easier case
-    caption_group = {r["caption"]: r["group"] for r in read_catalog(catalog).to_pylist()}
-    swapped_across = [rows[k]["group"] != caption_group[rows[k]["caption"]] for k, t in truth.items()
-                      if t == "swapped" and score[k] is not None]
-    auc_by_group = {name: round(roc_auc(clean_scores, swapped_scores[np.array(swapped_across) == across]), 4)
-                    for name, across in (("other_group", True), ("same_group", False))}
-    # a CLIP-score threshold below which 90 % of swapped pairs fall
-    swapped_90 = np.quantile(swapped_scores, 0.9) if len(swapped_scores) else np.nan
-
+    kept = sum(r is None for r in reason.values())
     result = {"recipe": {k: v for k, v in vars(args).items() if k not in ("workdir", "results")},
               "cpu": cpu_name(), "threads": torch.get_num_threads(), "scoring_model": scorer_info,
               "crawl": {kind: sum(counts.values()) for kind, counts in outcome.items()},
               "outcome": outcome, "removed_share": removed_share,
               "kept_clean_share": round(1 - removed_share["clean"], 4),
               "clean_represented_share": round(represented / len(clean), 4),
-              "clip_score_auc_clean_vs_swapped": round(roc_auc(clean_scores, swapped_scores), 4),
-              "clip_score_auc_by_swapped_caption_group": auc_by_group,
-              "clean_kept_at_90_swapped_removed": round(float(np.mean(clean_scores >= swapped_90)), 4),
-              "filter_seconds": round(filter_seconds, 1), "kept": manifest.summary.successes,
-              "input": manifest.summary.input_rows}
+              **score_quality(truth, score, rows, caption_group),
+              "filter_seconds": round(filter_seconds, 1), "kept": kept, "input": len(truth)}
+    if args.self_train_steps:
+        result["first_round"] = first_round
+        result["self_train_seconds"] = round(self_train_seconds)
     if not args.skip_training:
         # the crawl without the validation copies (decontamination alone): what the other rules buy, free of the
         # inflation that training on the evaluation images gives the unfiltered run
@@ -274,10 +375,9 @@ def main() -> None:
                                       decontaminate=(crawl_val,),
                                       model=config.model if config.contamination_similarity else None,
                                       contamination_similarity=config.contamination_similarity)
-        shutil.rmtree(decontaminated.output, ignore_errors=True)
-        filter_dataset(decontaminated, functools.partial(model_embedder, decontaminated), progress=False)
+        run_filter_bench(decontaminated)
         for name, data in (("unfiltered", crawl_train), ("decontaminated_only", decontaminated.output),
-                           ("filtered", config.output)):
+                           ("filtered", filtered)):
             seconds, metrics = train_and_evaluate(recipe(data, args.steps, args.seed), {"val": val_list})
             result[name] = {"train_seconds": round(seconds), **summary(metrics["val"])}
     line = json.dumps(result)

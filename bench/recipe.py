@@ -1,8 +1,8 @@
 """What the recipe benchmarks share (`demo_recipe.py`, `cross_style.py`): train in this process, then evaluate.
 
-`train_and_evaluate` trains a tokenizer on the dataset's captions, runs `train_loop` (as each Ray Train worker of
-`clipforge train` does) and evaluates the final model on image sets by zero-shot over the Unicode groups and
-retrieval, as the demo does.
+`train_and_evaluate` trains a tokenizer on the dataset's captions (a fine-tune keeps its parent's), runs `train_loop`
+(as each Ray Train worker of `clipforge train` does) and evaluates the final model on image sets by zero-shot over the
+Unicode groups and retrieval, as the demo does.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pipeline.manifest import read_manifest
 from training.data import read_captions
 from evaluation.evaluate import EvaluateConfig, evaluate
 from training.model import MODEL_PRESETS
-from training.tokenizer import train_tokenizer
+from training.tokenizer import Tokenizer, train_tokenizer
 from training.train import TrainConfig, train_loop
 
 
@@ -26,9 +26,12 @@ def train_and_evaluate(config: TrainConfig, evaluations: dict[str, str], precisi
     copied to `keep_model` when given."""
     with tempfile.TemporaryDirectory(prefix="bench-recipe-") as scratch:
         out = Path(scratch)
-        captions = read_captions(read_manifest(config.data), caption_field=config.caption_field)
-        train_tokenizer(captions, vocab_size=8192,
-                        context_length=MODEL_PRESETS[config.preset].context_length).save(out / "tokenizer")
+        if config.init_from:  # a fine-tune keeps its parent's tokenizer
+            Tokenizer.load(config.init_from).save(out / "tokenizer")
+        else:
+            captions = read_captions(read_manifest(config.data), caption_field=config.caption_field)
+            train_tokenizer(captions, vocab_size=8192,
+                            context_length=MODEL_PRESETS[config.preset].context_length).save(out / "tokenizer")
         config = config.model_copy(update={"output": str(out / "run"), "checkpoint_every": 1_000_000})
 
         def report(metrics: dict, directory: Path | None) -> None:
