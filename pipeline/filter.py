@@ -391,8 +391,9 @@ def reference_features(locations: tuple[str, ...], config: FilterConfig, embedde
             if sample.error or sample.data is None:
                 continue
             try:
-                image = decode_checked(sample.data if stored is None else stored(sample.data), config.max_image_bytes,
-                                       config.max_image_pixels)
+                image = decode_checked(sample.data, config.max_image_bytes, config.max_image_pixels)
+                if stored is not None:  # checked first: the resizer decodes whatever it is given
+                    image = decode_checked(stored(sample.data), config.max_image_bytes, config.max_image_pixels)
             except Fault:
                 continue
             rows.append({"source": location, "key": sample.key, "hash": perceptual_hash(image)})
