@@ -51,7 +51,7 @@ from pipeline.images import check_image_bytes, decode_checked
 from pipeline.ingest import image_settings, stored_like
 from pipeline.manifest import IngestSummary, Manifest, ShardInfo, read_manifest, tar_sample_offsets, write_manifest
 from pipeline.shards import iter_shard, sample_image
-from pipeline.sources import iter_samples
+from pipeline.sources import detect_source, iter_samples
 from pipeline.storage import StorageConfig
 
 WORK_DIR = "_filter"
@@ -376,16 +376,16 @@ def greedy_deduplicate(order: np.ndarray, pairs: list[tuple[int, int]], captions
 def reference_features(locations: tuple[str, ...], config: FilterConfig, embedder: Embedder | None) -> pa.Table:
     """Every image of the evaluation sets: source, key, perceptual hash and (with an embedder) embedding.
 
-    Where the training data says how ingest stored its images and an evaluation set was not stored so, each evaluation
-    image is first stored as the training images were (`stored_like`): a copy of it that ingest re-encoded then hashes
-    as the training sample does (JPEG at quality 95 alone moves this hash by a median 3 and up to 15 bits on the
-    bundled drawings, further than the 2 bits that tell some distinct drawings apart)."""
+    An evaluation set of originals (an image folder or list) is first stored as ingest stored the training images,
+    where the training data says how (`stored_like`): a copy of an original that ingest re-encoded then hashes as the
+    training sample does (JPEG at quality 95 alone moves this hash by a median 3 and up to 15 bits on the bundled
+    drawings, further than the 2 bits that tell some distinct drawings apart). Shards are compared as they are."""
     rows: list[dict] = []
     embeddings = _Embeddings(embedder, config.batch_size) if embedder is not None else None
     data_settings = image_settings(config.data, config.storage)
     for location in locations:
         stored = None
-        if data_settings is not None and image_settings(location, config.storage) != data_settings:
+        if data_settings is not None and detect_source(location, config.storage) != "shards":
             stored = stored_like(data_settings)
         for sample in iter_samples(location, config.storage, max_image_bytes=config.max_image_bytes):
             if sample.error or sample.data is None:

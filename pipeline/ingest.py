@@ -253,13 +253,14 @@ IMAGE_SETTINGS = ("image_size", "resize_mode", "image_format", "encode_quality")
 
 
 def image_settings(dataset: str, config: StorageConfig | None = None) -> dict | None:
-    """How ingest stored the images of `dataset` (`IMAGE_SETTINGS`); None for anything else (an image list, a folder,
-    a dataset of an older ingest or of the filter)."""
+    """How ingest stored the images of the dataset it wrote at `dataset` (`IMAGE_SETTINGS`); None where it does not
+    say (written by an older ingest, or by the filter)."""
     fs, path = storage.filesystem(dataset, config)
-    try:
-        settings = json.loads(fs.cat_file(posixpath.join(path, WORK_DIR, SETTINGS_NAME)))
-    except (FileNotFoundError, NotADirectoryError):
-        return None
+    with storage.storage_errors(dataset, config):
+        try:
+            settings = json.loads(fs.cat_file(posixpath.join(path, WORK_DIR, SETTINGS_NAME)))
+        except FileNotFoundError:
+            return None
     return {k: settings[k] for k in IMAGE_SETTINGS}
 
 
