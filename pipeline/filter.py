@@ -383,10 +383,9 @@ def reference_features(locations: tuple[str, ...], config: FilterConfig, embedde
     rows: list[dict] = []
     embeddings = _Embeddings(embedder, config.batch_size) if embedder is not None else None
     data_settings = image_settings(config.data, config.storage)
+    store = stored_like(data_settings) if data_settings is not None else None
     for location in locations:
-        stored = None
-        if data_settings is not None and detect_source(location, config.storage) != "shards":
-            stored = stored_like(data_settings)
+        stored = store if detect_source(location, config.storage) != "shards" else None
         for sample in iter_samples(location, config.storage, max_image_bytes=config.max_image_bytes):
             if sample.error or sample.data is None:
                 continue
@@ -430,9 +429,10 @@ def find_contaminated(scan: pa.Table, alive: np.ndarray, references: pa.Table, c
             for position in np.flatnonzero(similarity[:, 0] >= config.contamination_similarity):
                 matches.setdefault(int(rows[position]), (int(found[position, 0]), float(similarity[position, 0]), "embedding"))
     ordered = sorted(matches)
-    found_rows = pa.array([matches[r][0] for r in ordered], pa.int64())  # typed: an empty take needs it
+    # typed row numbers: an empty take needs them
+    taken, found_rows = pa.array(ordered, pa.int64()), pa.array([matches[r][0] for r in ordered], pa.int64())
     return pa.table({
-        "key": scan["key"].take(pa.array(ordered, pa.int64())), "shard": scan["shard"].take(pa.array(ordered, pa.int64())),
+        "key": scan["key"].take(taken), "shard": scan["shard"].take(taken),
         "evaluation_set": references["source"].take(found_rows), "evaluation_key": references["key"].take(found_rows),
         "matched_by": pa.array([matches[r][2] for r in ordered], pa.string()),
         "value": pa.array([matches[r][1] for r in ordered], pa.float64()),
