@@ -18,6 +18,7 @@ from evaluation.filtering import run_filter
 from flows.ingest_flow import summary_rows
 from flows.params import FilterSettings, retry_options, settings_dump
 from pipeline import storage
+from pipeline.errors import UserError
 from pipeline.filter import FilterConfig
 from pipeline.manifest import Manifest
 
@@ -52,5 +53,10 @@ def filter_train_set(settings: FilterSettings, data: str, output: str, evaluatio
             get_run_logger().warning("not decontaminating against %s: an embedding table holds no images", location)
         else:
             references.append(location)
-    return filter_flow(FilterConfig(data=data, output=output, decontaminate=tuple(dict.fromkeys(references)),
-                                    **settings_dump(settings, exclude=("enabled", "decontaminate"))))
+    manifest = filter_flow(FilterConfig(data=data, output=output, decontaminate=tuple(dict.fromkeys(references)),
+                                        **settings_dump(settings, exclude=("enabled", "decontaminate"))))
+    if manifest.summary.successes == 0:
+        raise UserError(f"the filter kept none of the {manifest.summary.input_rows} samples of {data} (removed: "
+                        f"{manifest.summary.failures or 'none'}; report: {storage.join(output, 'report.html')}): "
+                        f"loosen the `filtering` rules or set filtering.enabled to false")
+    return manifest

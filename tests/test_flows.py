@@ -334,3 +334,11 @@ def test_nightly_promotes_refuses_and_has_nothing_to_do(nightly_env: dict) -> No
     assert state.is_completed() and state.message.startswith("nothing to do"), state.message
     assert time.monotonic() - started < 60
     assert [v.version for v in list_versions(registry, "clip")] == [1, 2, 3]
+
+    # 4. a list of validation copies only: the filter keeps none, so the night fails saying so before training; no
+    # version is registered and the list stays unprocessed (a later night takes it with its new lists)
+    pq.write_table(copies, root / "incoming" / "day3.parquet")
+    state = _nightly(nightly_env, tolerance=0.0)
+    assert state.is_failed() and "the filter kept none of the 5 samples" in state.message, state.message
+    assert [v.version for v in list_versions(registry, "clip")] == [1, 2, 3]
+    assert read_state(str(Path(registry) / "clip" / "nightly-state.json")).processed == ["day1.parquet", "day2.csv"]
