@@ -19,7 +19,8 @@
    on the same side); for each half, the scoring model is fine-tuned for N steps on the seed plus that half's pairs
    it scored best (`--self-train-top` of those the other rules kept), and each half is filtered again with the model
    fine-tuned on the other half, so no pair is judged by a model that trained on it (cross-fitting). The two
-   filtered halves together are the filtered crawl.
+   filtered halves together are the filtered crawl. `--self-train-rounds R`: R such rounds, each half's model
+   fine-tuned further on that half's pairs as the previous round ranked them (still never scoring its own half).
 4. Three models train for the same `--steps` on the unfiltered crawl, on the crawl with only the validation copies
    removed (decontamination alone) and on the filtered crawl; each is evaluated on the validation split
    (text-to-image R@10 and zero-shot group accuracy).
@@ -229,10 +230,12 @@ def score_quality(truth: dict[str, str], score: dict[str, float | None], rows: d
             "clean_kept_at_90_swapped_removed": round(float(np.mean(clean >= swapped_90)), 4)}
 
 
-def self_trained_filter(args, rules: dict, scorer: Path, seed_train: str, crawl_train: str, workdir: Path,
-                        first: tuple[dict, dict, dict], rows: dict[str, dict]) -> tuple[str, tuple[dict, dict, dict]]:
-    """The second round (module docstring, step 3): (the filtered crawl, its reason, detail and score by key)."""
-    reason, _, score = first
+def self_trained_filter(args, rules: dict, scorers: tuple[Path, Path], seed_train: str, crawl_train: str,
+                        workdir: Path, previous: tuple[dict, dict, dict], rows: dict[str, dict]
+                        ) -> tuple[str, tuple[dict, dict, dict], tuple[Path, Path]]:
+    """One more round (module docstring, step 3), each half's model fine-tuned from `scorers[half]` on the pairs the
+    `previous` round's decisions ranked best: (the filtered crawl, its reason, detail and score by key, the models)."""
+    reason, _, score = previous
     half = {key: int(hashlib.sha256(row["hexcode"].encode()).hexdigest()[:8], 16) % 2 for key, row in rows.items()}
     samples = {s["__key__"]: s for s in iter_dataset(crawl_train)}
     models = []
@@ -244,11 +247,12 @@ def self_trained_filter(args, rules: dict, scorer: Path, seed_train: str, crawl_
         data = write_dataset(workdir / "data" / f"self-train-{side}",
                              [*(dict(s, __key__=f"seed{s['__key__']}") for s in iter_dataset(seed_train)),
                               *(samples[k] for k in confident)])
-        model = scorer.with_name(f"{scorer.name}-self{args.self_train_steps}-top{args.self_train_top}-half{side}")
+        start = scorers[side]
+        model = start.with_name(f"{start.name}-self{args.self_train_steps}-top{args.self_train_top}-half{side}")
         if not (model / "model.safetensors").exists():
             config = recipe(data, args.self_train_steps, args.seed, transfer=args.score_recipe == "transfer")
             # from the scorer, at a fine-tune's rate
-            config = config.model_copy(update={"init_from": str(scorer), "lr": 2e-4, "seed": args.seed + 1 + side})
+            config = config.model_copy(update={"init_from": str(start), "lr": 2e-4, "seed": args.seed + 1 + side})
             train_and_evaluate(config, {}, keep_model=model)
         models.append(model)
     outputs, decided = [], ({}, {}, {})
@@ -262,7 +266,7 @@ def self_trained_filter(args, rules: dict, scorer: Path, seed_train: str, crawl_
             whole.update(part)
     filtered = write_dataset(workdir / "data" / "crawl-filtered-self-trained",
                              (s for output in outputs for s in iter_dataset(output)))
-    return filtered, decided
+    return filtered, decided, (models[0], models[1])
 
 
 def run_filter_bench(config: FilterConfig) -> float:
@@ -300,6 +304,9 @@ def main() -> None:
     parser.add_argument("--self-train-steps", type=int, default=0,
                         help="a second round: fine-tune the scoring model this many steps on the seed plus the crawl "
                              "pairs it scored best, cross-fitted over two halves of the crawl (0: one round)")
+    parser.add_argument("--self-train-rounds", type=int, default=1,
+                        help="rounds of self-training (with --self-train-steps): each fine-tunes every half's model "
+                             "further on the pairs the previous round ranked best")
     parser.add_argument("--self-train-top", type=float, default=0.6,
                         help="share of each half's pairs (those the other rules kept) the second round trains on")
     parser.add_argument("--steps", type=int, default=300, help="training steps of each compared model")
@@ -340,10 +347,13 @@ def main() -> None:
     truth = {key: row["truth"] for key, row in rows.items()}
     caption_group = {r["caption"]: r["group"] for r in read_catalog(catalog).to_pylist()}
     decided = judged(config.output)
-    first_round = score_quality(truth, decided[2], rows, caption_group)
+    rounds = []
     if args.self_train_steps:
-        started = time.perf_counter()
-        filtered, decided = self_trained_filter(args, rules, scorer, seed_train, crawl_train, workdir, decided, rows)
+        started, scorers = time.perf_counter(), (scorer, scorer)
+        for _ in range(args.self_train_rounds):
+            rounds.append(score_quality(truth, decided[2], rows, caption_group))
+            filtered, decided, scorers = self_trained_filter(args, rules, scorers, seed_train, crawl_train, workdir,
+                                                             decided, rows)
         self_train_seconds = time.perf_counter() - started
     reason, detail, score = decided
 
@@ -366,7 +376,7 @@ def main() -> None:
               **score_quality(truth, score, rows, caption_group),
               "filter_seconds": round(filter_seconds, 1), "kept": kept, "input": len(truth)}
     if args.self_train_steps:
-        result["first_round"] = first_round
+        result["earlier_rounds"] = rounds
         result["self_train_seconds"] = round(self_train_seconds)
     if not args.skip_training:
         # the crawl without the validation copies (decontamination alone): what the other rules buy, free of the
