@@ -46,7 +46,8 @@ def filter_flow(config: FilterConfig) -> Manifest:
 
 def filter_train_set(settings: FilterSettings, data: str, output: str, evaluation_sets: Iterable[str]) -> Manifest:
     """The filter step of a training flow: `settings` applied to the ingested `data`, the flow's evaluation sets
-    among those decontaminated against (an embedding table holds no images to compare, so it is left out)."""
+    among those decontaminated against (an embedding table holds no images to compare, so it is left out). A filter
+    that keeps nothing is a `UserError`: there is nothing to train on."""
     references = list(settings.decontaminate)
     for location in evaluation_sets:
         if location.lower().endswith(".parquet") and is_embedding_table(location, settings.storage):
