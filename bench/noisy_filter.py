@@ -266,7 +266,7 @@ def self_trained_filter(args, rules: dict, scorers: tuple[Path, Path], seed_trai
             whole.update(part)
     filtered = write_dataset(workdir / "data" / "crawl-filtered-self-trained",
                              (s for output in outputs for s in iter_dataset(output)))
-    return filtered, decided, (models[0], models[1])
+    return filtered, decided, tuple(models)
 
 
 def run_filter_bench(config: FilterConfig) -> float:
@@ -302,13 +302,13 @@ def main() -> None:
                         help="the scoring model also trains on Fluent Emoji Flat's drawings (bundled) of every emoji "
                              "outside OpenMoji's validation split")
     parser.add_argument("--self-train-steps", type=int, default=0,
-                        help="a second round: fine-tune the scoring model this many steps on the seed plus the crawl "
-                             "pairs it scored best, cross-fitted over two halves of the crawl (0: one round)")
+                        help="self-training: each round fine-tunes the scoring model this many steps on the seed plus "
+                             "the crawl pairs it scored best, cross-fitted over two halves of the crawl (0: none)")
     parser.add_argument("--self-train-rounds", type=int, default=1,
                         help="rounds of self-training (with --self-train-steps): each fine-tunes every half's model "
                              "further on the pairs the previous round ranked best")
     parser.add_argument("--self-train-top", type=float, default=0.6,
-                        help="share of each half's pairs (those the other rules kept) the second round trains on")
+                        help="share of each half's pairs (those the other rules kept) a round trains on")
     parser.add_argument("--steps", type=int, default=300, help="training steps of each compared model")
     parser.add_argument("--clip-score-top-fraction", type=float, default=0.8)
     parser.add_argument("--duplicate-similarity", type=float, default=0.8)

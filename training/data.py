@@ -71,9 +71,9 @@ class LoaderPlan:
 
 
 def steps_per_epoch(manifest: Manifest, global_batch: int) -> int:
-    steps = manifest.num_samples // global_batch
     if manifest.num_samples == 0:
         raise ValueError(f"{manifest.location} holds no samples: nothing to train on")
+    steps = manifest.num_samples // global_batch
     if steps == 0:
         raise ValueError(f"{manifest.location} holds {manifest.num_samples} samples, fewer than one global batch "
                          f"of {global_batch}: lower the batch size")
