@@ -204,12 +204,16 @@ def write_dataset(folder: Path, samples, per_shard: int = 500) -> str:
 
 def judged(output: str) -> tuple[dict[str, str | None], dict[str, str | None], dict[str, float | None]]:
     """(reason, detail, CLIP score) of every sample of a filter run, by key: its decision (None: kept), the decision's
-    detail, and its score (also for pairs an earlier rule removed)."""
-    decisions = pq.read_table(Path(output) / "_filter" / "decisions.parquet")
-    scan = pa.concat_tables([pq.read_table(p) for p in sorted((Path(output) / "_filter" / "scan").glob("*.parquet"))])
+    detail, and its score: the cosine (also for pairs an earlier rule removed), or with CSLS the score the rule
+    judged by (None for pairs an earlier rule removed)."""
+    work = Path(output) / "_filter"
+    decisions = pq.read_table(work / "decisions.parquet")
+    scores = pa.concat_tables([pq.read_table(p) for p in sorted((work / "scan").glob("*.parquet"))])
+    if json.loads((work / "rules.json").read_text()).get("clip_score_csls"):
+        scores = decisions
     keys = decisions["key"].to_pylist()
     return (dict(zip(keys, decisions["reason"].to_pylist())), dict(zip(keys, decisions["detail"].to_pylist())),
-            dict(zip(scan["key"].to_pylist(), scan["clip_score"].to_pylist())))
+            dict(zip(scores["key"].to_pylist(), scores["clip_score"].to_pylist())))
 
 
 def score_quality(truth: dict[str, str], score: dict[str, float | None], rows: dict[str, dict],
@@ -248,7 +252,9 @@ def self_trained_filter(args, rules: dict, scorers: tuple[Path, Path], seed_trai
                              [*(dict(s, __key__=f"seed{s['__key__']}") for s in iter_dataset(seed_train)),
                               *(samples[k] for k in confident)])
         start = scorers[side]
-        model = start.with_name(f"{start.name}-self{args.self_train_steps}-top{args.self_train_top}-half{side}")
+        ranked_by = f"-csls{args.clip_score_csls}" if args.clip_score_csls else ""  # how `confident` was picked
+        model = start.with_name(f"{start.name}-self{args.self_train_steps}-top{args.self_train_top}{ranked_by}"
+                                f"-half{side}")
         if not (model / "model.safetensors").exists():
             config = recipe(data, args.self_train_steps, args.seed, transfer=args.score_recipe == "transfer")
             # from the scorer, at a fine-tune's rate
@@ -311,6 +317,8 @@ def main() -> None:
                         help="share of each half's pairs (those the other rules kept) a round trains on")
     parser.add_argument("--steps", type=int, default=300, help="training steps of each compared model")
     parser.add_argument("--clip-score-top-fraction", type=float, default=0.8)
+    parser.add_argument("--clip-score-csls", type=int, default=None,
+                        help="judge pairs by CSLS over this many neighbours instead of the raw cosine")
     parser.add_argument("--duplicate-similarity", type=float, default=0.8)
     parser.add_argument("--duplicate-hash-distance", type=int, default=8)
     parser.add_argument("--contamination-similarity", type=float, default=None,
@@ -337,7 +345,8 @@ def main() -> None:
         (scorer / "bench.json").write_text(json.dumps({"train_seconds": round(seconds), **summary(metrics["val"])}))
     scorer_info = json.loads((scorer / "bench.json").read_text())
 
-    rules = dict(clip_score_top_fraction=args.clip_score_top_fraction, duplicate_similarity=args.duplicate_similarity,
+    rules = dict(clip_score_top_fraction=args.clip_score_top_fraction, clip_score_csls=args.clip_score_csls,
+                 duplicate_similarity=args.duplicate_similarity,
                  duplicate_hash_distance=args.duplicate_hash_distance, decontaminate=(crawl_val,),
                  contamination_similarity=args.contamination_similarity)
     config = FilterConfig(data=crawl_train, output=str(workdir / "data" / "crawl-filtered"), model=str(scorer), **rules)

@@ -10,7 +10,7 @@ kept + removed by reason = input, as ingest accounts for URLs. Three passes, eac
    score (their cosine) kept. One parquet per input shard under `_filter/scan/`.
 2. decide: rules that compare samples run over the whole scan, in this order: decontamination (a sample whose image
    is a near-copy of an evaluation image is removed and listed in `decontaminated.parquet`), CLIP score (a threshold
-   and/or the top fraction), near-duplicates (of each group of near-identical images with the same caption, the
+   and/or the top fraction, of the cosine or of its CSLS), near-duplicates (of each group of near-identical images with the same caption, the
    best-scoring is kept). Every sample gets one outcome: kept, or the first rule it fails (`_filter/decisions.parquet`,
    written once, so a resumed run writes exactly what an uninterrupted one would).
 3. write: each input shard's kept samples are copied, bytes untouched, into the output shard of the same number.
@@ -95,6 +95,11 @@ class FilterConfig(Config):
     clip_score_top_fraction: float | None = Field(None, gt=0, le=1)
     """Keep only this fraction of the best-scoring pairs among those the earlier rules kept (DataComp's best
     single filter kept the top 30 %): clip_score."""
+    clip_score_csls: int | None = Field(None, gt=0)
+    """Judge pairs by CSLS over this many neighbours (Conneau et al. 2018 used 10) instead of the raw cosine: twice
+    the pair's cosine less the mean cosine of its caption with its nearest images and of its image with its nearest
+    captions, among the pairs the earlier rules kept. A caption near many images (a generic one, or one of many
+    variants) then no longer lifts pairs it does not describe. The CLIP-score thresholds apply to this score."""
     duplicate_similarity: float | None = Field(None, gt=0, le=1)
     """Image-embedding cosine at or above which two images are near-duplicates (needs `model`); e.g. 0.95."""
     duplicate_hash_distance: int | None = Field(None, ge=0, le=HASH_BITS)
@@ -136,8 +141,11 @@ class FilterConfig(Config):
 
     def rules(self) -> dict:
         """The settings that decide which samples are kept (a resumed run must have the same)."""
-        return self.model_dump(mode="json", exclude={"output", "batch_size", "device", "precision", "storage",
-                                                     "ray_address"})
+        rules = self.model_dump(mode="json", exclude={"output", "batch_size", "device", "precision", "storage",
+                                                      "ray_address"})
+        if rules["clip_score_csls"] is None:  # as runs made before the rule existed wrote them, so that they resume
+            del rules["clip_score_csls"]
+        return rules
 
 
 class Embedder(Protocol):
@@ -208,7 +216,7 @@ class _Embeddings:
         self.pending: list[tuple[int, Image.Image, str | None]] = []
         self.rows: list[int] = []
         self.vectors: list[np.ndarray] = []
-        self.scores: list[np.ndarray] = []
+        self.texts: list[np.ndarray] = []
 
     def add(self, row: int, image: Image.Image, caption: str | None = None) -> None:
         self.pending.append((row, image, caption))
@@ -224,14 +232,14 @@ class _Embeddings:
         self.rows += rows
         self.vectors.append(vectors)
         if captions[0] is not None:
-            self.scores.append(np.sum(vectors * np.asarray(self.embedder.texts(list(captions)), np.float32), axis=1))
+            self.texts.append(np.asarray(self.embedder.texts(list(captions)), np.float32))
 
     def result(self) -> tuple[list[int], np.ndarray, np.ndarray]:
-        """(rows, their image embeddings (N, D), their CLIP scores (N,) where captions were given)."""
+        """(rows, their image embeddings (N, D), their caption embeddings (N, D) where captions were given)."""
         self.flush()
         dim = self.vectors[0].shape[1] if self.vectors else 0
         vectors = np.concatenate(self.vectors) if self.vectors else np.zeros((0, dim), np.float32)
-        return self.rows, vectors, np.concatenate(self.scores) if self.scores else np.zeros(0, np.float32)
+        return self.rows, vectors, np.concatenate(self.texts) if self.texts else np.zeros((0, dim), np.float32)
 
 
 def scan_shard(url: str, shard: int, config: FilterConfig, embedder: Embedder | None, identifier=None) -> pa.Table:
@@ -277,20 +285,26 @@ def scan_shard(url: str, shard: int, config: FilterConfig, embedder: Embedder | 
                ("key", "shard", "index", "caption", "reason", "detail", "hash", "width", "height")}
     table = pa.table(columns, schema=_SCAN_SCHEMA)
     if embeddings is not None:
-        embedded, image_vectors, scores = embeddings.result()
-        dim = image_vectors.shape[1]
-        full = np.zeros((len(rows), dim), np.float32)
+        embedded, image_vectors, text_vectors = embeddings.result()
         score = np.full(len(rows), np.nan, np.float32)
-        full[embedded], score[embedded] = image_vectors, scores
-        mask = np.ones(len(rows), bool)
-        mask[embedded] = False
+        score[embedded] = np.sum(image_vectors * text_vectors, axis=1)
         table = table.append_column("clip_score", pa.array(score, mask=np.isnan(score)))
-        if dim:
-            flat = pa.array(full.reshape(-1), pa.float32())
-            table = table.append_column("embedding", pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(mask)))
-        else:
-            table = table.append_column("embedding", pa.nulls(len(rows), pa.list_(pa.float32())))
+        table = table.append_column("embedding", _vector_column(image_vectors, embedded, len(rows)))
+        if config.clip_score_csls is not None:  # CSLS compares every caption with every image
+            table = table.append_column("text_embedding", _vector_column(text_vectors, embedded, len(rows)))
     return table.replace_schema_metadata({b"read_error": json.dumps(read_error).encode()})
+
+
+def _vector_column(vectors: np.ndarray, rows: list[int], length: int) -> pa.Array:
+    """A column of `length` rows holding `vectors` at `rows` and nulls elsewhere."""
+    dim = vectors.shape[1]
+    if not dim:
+        return pa.nulls(length, pa.list_(pa.float32()))
+    full = np.zeros((length, dim), np.float32)
+    full[rows] = vectors
+    mask = np.ones(length, bool)
+    mask[rows] = False
+    return pa.FixedSizeListArray.from_arrays(pa.array(full.reshape(-1), pa.float32()), dim, mask=pa.array(mask))
 
 
 _SCAN_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.int64()), ("index", pa.int64()), ("caption", pa.string()),
@@ -401,9 +415,8 @@ def reference_features(locations: tuple[str, ...], config: FilterConfig, embedde
     table = pa.table({name: [r[name] for r in rows] for name in ("source", "key", "hash")},
                      schema=pa.schema([("source", pa.string()), ("key", pa.string()), ("hash", pa.binary(HASH_BITS // 8))]))
     if embeddings is not None and rows:
-        vectors = embeddings.result()[1]  # every row, in order
-        table = table.append_column("embedding", pa.FixedSizeListArray.from_arrays(
-            pa.array(vectors.reshape(-1), pa.float32()), vectors.shape[1]))
+        embedded, vectors, _ = embeddings.result()
+        table = table.append_column("embedding", _vector_column(vectors, embedded, len(rows)))
     return table
 
 
@@ -443,6 +456,18 @@ def find_contaminated(scan: pa.Table, alive: np.ndarray, references: pa.Table, c
 # 4. decisions
 
 
+def csls(images: np.ndarray, texts: np.ndarray, k: int, exact_limit: int) -> np.ndarray:
+    """Cross-domain similarity local scaling (Conneau et al. 2018) of each pair (row i of unit `images` and `texts`):
+    2 cos(image i, text i) less the mean cosine of text i with its k nearest images and of image i with its k nearest
+    texts. A hub, close to everything, is judged against how close it is to everything."""
+    score = 2 * np.sum(images * texts, axis=1, dtype=np.float64)
+    for index, queries in ((images, texts), (texts, images)):
+        near, found = neighbours(index, queries, k, exact_limit)
+        if near.shape[1]:
+            score -= np.nanmean(np.where(found >= 0, near, np.nan), axis=1)
+    return score
+
+
 def decide(scan: pa.Table, config: FilterConfig, references: pa.Table | None) -> tuple[pa.Table, pa.Table]:
     """(decisions: key, shard, index, reason (null: kept), detail; the contaminated rows and their matches)."""
     reason = np.array(scan["reason"].to_pylist(), dtype=object)
@@ -459,6 +484,10 @@ def decide(scan: pa.Table, config: FilterConfig, references: pa.Table | None) ->
     score = None
     if "clip_score" in scan.column_names:
         score = np.where(alive, np.array(scan["clip_score"].to_numpy(zero_copy_only=False), np.float64), np.nan)
+        if config.clip_score_csls is not None:
+            scored = np.flatnonzero(~np.isnan(score))
+            images, texts = (_vectors(scan[name].take(scored)) for name in ("embedding", "text_embedding"))
+            score[scored] = csls(images, texts, config.clip_score_csls, config.exact_search_limit)
         low = np.zeros(len(score), bool)
         if config.min_clip_score is not None:
             low |= alive & (score < config.min_clip_score)

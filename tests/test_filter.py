@@ -18,7 +18,8 @@ import pytest
 from PIL import Image, ImageEnhance
 
 from pipeline.errors import UserError
-from pipeline.filter import HASH_BITS, FilterConfig, decide, filter_dataset, greedy_deduplicate, perceptual_hash
+from pipeline.filter import (HASH_BITS, FilterConfig, csls, decide, filter_dataset, greedy_deduplicate,
+                             perceptual_hash)
 from pipeline.shards import iter_dataset
 from tests.shards import write_pairs
 from tests.test_evaluate import synthetic_catalog, synthetic_shards, tiny_checkpoint  # noqa: F401 - shared fixtures
@@ -106,6 +107,31 @@ def test_clip_score_threshold_and_top_fraction() -> None:
     top, _ = decide(scan, FilterConfig(data="d", output="o", clip_score_top_fraction=0.3), None)
     kept = [k for k, r in zip(top["key"].to_pylist(), top["reason"].to_pylist()) if r is None]
     assert kept == ["k3", "k5", "k8"]  # the three best of ten
+
+
+def test_csls_ranks_a_caption_near_every_image_below_captions_that_name_their_own() -> None:
+    # pair 0's caption is a hub, as near to every image as to its own (a generic caption): by cosine it is the best
+    # pair; against how near it is to everything (CSLS), the worst
+    n = 6
+    images = np.eye(n + 1, dtype=np.float32)[:n]
+    texts = np.zeros((n, n + 1), np.float32)
+    texts[0, :n] = 1 / np.sqrt(n)  # cosine 0.408 with every image
+    for i, cosine in enumerate([0.40, 0.39, 0.38, 0.37, 0.36], start=1):
+        texts[i, i], texts[i, n] = cosine, np.sqrt(1 - cosine**2)
+
+    def column(vectors: np.ndarray) -> pa.Array:
+        return pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), n + 1)
+
+    scan = scan_table(list(np.sum(images * texts, axis=1)))
+    scan = scan.append_column("embedding", column(images)).append_column("text_embedding", column(texts))
+
+    def kept(config: FilterConfig) -> list[str]:
+        decisions, _ = decide(scan, config, None)
+        return [k for k, r in zip(decisions["key"].to_pylist(), decisions["reason"].to_pylist()) if r is None]
+
+    top_half = FilterConfig(data="d", output="o", clip_score_top_fraction=0.5)
+    assert kept(top_half) == ["k0", "k1", "k2"]
+    assert kept(top_half.model_copy(update={"clip_score_csls": 3})) == ["k1", "k2", "k3"]
 
 
 def test_decontamination_removes_and_lists_copies_of_evaluation_images(tmp_path: Path) -> None:
@@ -209,15 +235,19 @@ def test_clip_score_is_the_cosine_of_the_embedding_path_and_the_report_shows_it(
     from training.checkpoint import load_model
 
     config = FilterConfig(data=str(synthetic_shards), output=str(tmp_path / "out"), model=str(tiny_checkpoint),
-                          clip_score_top_fraction=0.5, duplicate_similarity=0.999,
+                          clip_score_top_fraction=0.5, clip_score_csls=4, duplicate_similarity=0.999,
                           batch_size=3)  # several batches per shard, the last one short
     manifest = run_filter(config, progress=False)
     scan = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / "out" / "_filter" / "scan").glob("*.parquet"))])
     model, tokenizer = load_model(str(tiny_checkpoint))
     table = valid_rows(embed_location(model, str(synthetic_shards), progress=False, thumbnail_size=0))
-    expected = np.sum(vectors(table) * encode_texts(model, tokenizer, table["caption"].to_pylist()), axis=1)
+    images, texts = vectors(table), encode_texts(model, tokenizer, table["caption"].to_pylist())
     score = dict(zip(scan["key"].to_pylist(), scan["clip_score"].to_pylist()))
-    np.testing.assert_allclose([score[k] for k in table["key"].to_pylist()], expected, atol=2e-3)
+    np.testing.assert_allclose([score[k] for k in table["key"].to_pylist()], np.sum(images * texts, axis=1), atol=2e-3)
+    # the rule judged by CSLS over the same embeddings (every pair reached it: no earlier rule removed one)
+    decisions = pq.read_table(tmp_path / "out" / "_filter" / "decisions.parquet")
+    judged = dict(zip(decisions["key"].to_pylist(), decisions["clip_score"].to_pylist()))
+    np.testing.assert_allclose([judged[k] for k in table["key"].to_pylist()], csls(images, texts, 4, 100), atol=5e-3)
     total = manifest.summary.input_rows
     assert manifest.summary.failures["clip_score"] == total - round(0.5 * total)  # the best half stays
     page = (tmp_path / "out" / "report.html").read_text()
