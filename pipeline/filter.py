@@ -10,9 +10,9 @@ kept + removed by reason = input, as ingest accounts for URLs. Three passes, eac
    score (their cosine) kept. One parquet per input shard under `_filter/scan/`.
 2. decide: rules that compare samples run over the whole scan, in this order: decontamination (a sample whose image
    is a near-copy of an evaluation image is removed and listed in `decontaminated.parquet`), CLIP score (a threshold
-   and/or the top fraction, of the cosine or of its CSLS), near-duplicates (of each group of near-identical images with the same caption, the
-   best-scoring is kept). Every sample gets one outcome: kept, or the first rule it fails (`_filter/decisions.parquet`,
-   written once, so a resumed run writes exactly what an uninterrupted one would).
+   and/or the top fraction, of the cosine or of its CSLS), near-duplicates (of each group of near-identical images
+   with the same caption, the best-scoring is kept). Every sample gets one outcome: kept, or the first rule it fails
+   (`_filter/decisions.parquet`, written once, so a resumed run writes exactly what an uninterrupted one would).
 3. write: each input shard's kept samples are copied, bytes untouched, into the output shard of the same number.
 
 Near-neighbours are searched with faiss: exact search for small sets, an HNSW graph above `exact_search_limit`
