@@ -174,10 +174,12 @@ def ray_session(address: str | None = None, env_vars: dict[str, str] | None = No
                  **ray_init_kwargs(address))
         yield
     finally:
-        if local is not None:
-            stop_local_ray(local)  # first: a training thread still waiting on the cluster cannot hold shutdown up
+        # this process leaves first: a driver whose local Ray dies under it ends itself with status 1 (its core worker
+        # retries lost objects and quits when the raylet is gone), before any clean-up or message of ours
         with contextlib.suppress(Exception):
-            ray.shutdown()  # ray
+            ray.shutdown()  # ray: a thread still waiting on the cluster gets an error
+        if local is not None:
+            stop_local_ray(local)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
