@@ -1,11 +1,11 @@
-"""Ray nodes started by tests with `ray start --block`, each in its own process group, stopped by that group's id
-(never `ray stop`, which would stop every Ray of the user on the machine)."""
+"""Ray nodes started by tests with `ray start --block`, each in its own process group, stopped by that group's id as
+the CLI stops the local Ray it starts (`stop_local_ray`; never `ray stop`, which would stop every Ray of the user on
+the machine)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 
 from infra.processes import free_port
+from pipeline.cluster import stop_local_ray
 
 
 def ray_node(args: list[str], temp_dir: str, env: dict, python: str | None = None) -> subprocess.Popen:
@@ -27,18 +28,6 @@ def ray_node(args: list[str], temp_dir: str, env: dict, python: str | None = Non
     return subprocess.Popen([*ray, "start", "--block", "--num-cpus=1", "--disable-usage-stats",
                              f"--temp-dir={temp_dir}", *args], start_new_session=True, env=env, cwd=temp_dir,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def stop_node(process: subprocess.Popen) -> None:
-    group = [p for p in psutil.process_iter() if in_group(p, process.pid)]
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            break
-        _, alive = psutil.wait_procs(group, timeout=wait)
-        if not alive:
-            break
 
 
 def in_group(process: psutil.Process, group: int) -> bool:
@@ -60,4 +49,4 @@ def loopback_head(prefix: str) -> Iterator[tuple[str, dict]]:
         time.sleep(8)
         yield f"127.0.0.1:{port}", env
     finally:
-        stop_node(head)
+        stop_local_ray(head)

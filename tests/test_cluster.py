@@ -26,10 +26,10 @@ import yaml
 from infra.processes import free_port
 from pipeline import storage
 from pipeline.catalog import build_openmoji_catalog, serve_directory, write_url_list
+from pipeline.cluster import stop_local_ray
 from pipeline.manifest import read_manifest
 from tests.conftest import TEST_BUCKET
-from tests.raycluster import in_group, ray_node, stop_node
-
+from tests.raycluster import in_group, ray_node
 
 
 def test_runtime_env_ships_the_code_and_no_secret() -> None:
@@ -177,7 +177,7 @@ def test_ingest_and_training_over_two_clean_nodes(seaweedfs, tmp_path: Path) -> 
                 assert secret not in text, f"{api} shows a credential"
     finally:
         for node in reversed(nodes):
-            stop_node(node)
+            stop_local_ray(node)
     for node in nodes:
         assert not [p for p in psutil.process_iter() if in_group(p, node.pid)], "a node we started is still running"
     for secret in (seaweedfs.secret_key,):  # the key id is not secret, the secret key is

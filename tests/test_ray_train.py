@@ -20,9 +20,10 @@ import pytest
 from infra.processes import free_port
 from pipeline import storage
 from pipeline.catalog import build_openmoji_catalog, serve_directory, write_url_list
+from pipeline.cluster import stop_local_ray
 from pipeline.ingest import IngestConfig, ingest
 from pipeline.manifest import read_manifest
-from tests.raycluster import in_group, ray_node, stop_node
+from tests.raycluster import in_group, ray_node
 from training.data import steps_per_epoch
 
 pytestmark = pytest.mark.slow
@@ -63,7 +64,7 @@ def check_run(output: str, steps: int) -> None:
     history = read_jsonl(storage.join(output, "metrics.jsonl"))
     assert history[-1]["step"] == steps
     first, last = [sum(h["loss"] for h in part) / len(part) for part in (history[:3], history[-3:])]
-    assert last < first - 0.1, f"loss did not fall: {first:.3f} -> {last:.3f}"
+    assert last < first - 0.1, f"loss did not fall: {first:.3f} -> {last:.3f} ({[h['loss'] for h in history]})"
     fs, path = storage.filesystem(output)
     assert fs.exists(f"{path}/model/model.safetensors") and fs.exists(f"{path}/model/tokenizer.json")
     assert fs.glob(f"{path}/ray/*/step_{steps:08d}/model.safetensors"), "the last checkpoint is on storage"
@@ -111,7 +112,7 @@ def test_two_node_cluster_joined_by_address(shards: str, tmp_path: Path) -> None
         assert len({r["node_id"] for r in records}) == 2, "the two workers ran on the two nodes"
     finally:
         for node in reversed(nodes):
-            stop_node(node)
+            stop_local_ray(node)
     for node in nodes:
         assert not [p for p in psutil.process_iter() if in_group(p, node.pid)], "a node we started is still running"
 
