@@ -283,7 +283,7 @@ def run_filter_bench(config: FilterConfig) -> float:
     return time.perf_counter() - started
 
 
-# a scorer between `small` and ViT-B/32 (2.7 times the parameters and compute of `small`), for --score-preset
+# a scorer between `small` and ViT-B/32 (2.7 times the parameters of `small`), for --score-preset
 MODEL_PRESETS["medium"] = MODEL_PRESETS["small"].derive(vision_width=384, vision_layers=8, vision_heads=6,
                                                         text_width=384, text_layers=8, text_heads=6, embed_dim=384)
 
