@@ -4,6 +4,7 @@ machines), explicit settings obeyed, emulated bf16 warned about, and the resolve
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,3 +79,7 @@ def test_a_run_records_its_resolved_device_and_precision(tmp_path) -> None:
     assert runtime["device"] == "cpu"
     assert runtime["precision"] == resolve_precision("auto", CPU)  # what this machine's CPU supports natively
     assert states[-1]["config"]["precision"] == "auto"
+    # the hardware it names: the bf16 instruction sets the kernel reports, no more (an AMD EPYC has AVX-512 BF16 alone)
+    flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    assert ("AMX" in runtime["hardware"]) == ("amx_tile" in flags), runtime["hardware"]
+    assert ("AVX-512 BF16" in runtime["hardware"]) == ("avx512_bf16" in flags), runtime["hardware"]

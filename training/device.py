@@ -33,13 +33,19 @@ class EmulatedBF16Warning(UserWarning):
 
 
 @cache
-def cpu_has_native_bf16() -> bool:
-    """True when this CPU executes bf16 matmuls natively: AMX tiles or AVX-512 BF16, as torch's cpuinfo sees them."""
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
-    probes = [p for p in probes if p is not None]
+def cpu_bf16_features() -> tuple[str, ...]:
+    """The native bf16 instruction sets of this CPU as torch's cpuinfo sees them: AMX tiles, AVX-512 BF16 (an AMD EPYC
+    can have the second without the first), or none."""
+    probes = {"AMX": "_is_amx_tile_supported", "AVX-512 BF16": "_is_avx512_bf16_supported"}
+    probes = {name: getattr(torch.cpu, attr) for name, attr in probes.items() if hasattr(torch.cpu, attr)}
     if not probes:  # an older torch without the probes: oneDNN's own bf16 check (true on any AVX-512 core)
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return any(bool(probe()) for probe in probes)
+        return ("oneDNN bf16",) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else ()
+    return tuple(name for name, probe in probes.items() if probe())
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU executes bf16 matmuls natively: AMX tiles or AVX-512 BF16."""
+    return bool(cpu_bf16_features())
 
 
 def native_bf16(device: torch.device, cpu_probe: Callable[[], bool] = cpu_has_native_bf16,
@@ -97,12 +103,11 @@ def cpu_name() -> str:
 def hardware_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    flags = "AMX/AVX-512 BF16" if cpu_has_native_bf16() else "no native bf16"
-    return f"{cpu_name()} ({os.cpu_count()} CPUs, {flags})"
+    return f"{cpu_name()} ({os.cpu_count()} CPUs, {', '.join(cpu_bf16_features()) or 'no native bf16'})"
 
 
 def describe(device: torch.device, precision: Precision) -> str:
-    """One line for logs and metadata, e.g. `device cpu: Intel Xeon (2 CPUs, AMX/AVX-512 BF16), precision bf16`."""
+    """One line for logs and metadata, e.g. `device cpu: Intel Xeon (2 CPUs, AMX, AVX-512 BF16), precision bf16`."""
     return f"device {device.type}: {hardware_name(device)}, precision {precision}"
 
 
