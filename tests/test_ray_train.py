@@ -77,9 +77,9 @@ def test_two_ray_workers_on_seaweedfs(shards: str, s3_env: str) -> None:
     fs.put(shards + "/", f"{path}/shards", recursive=True)  # the dataset lives on object storage
     output = storage.join(s3_env, "run")
     result = clipforge("train", "--data", storage.join(s3_env, "shards"), "--output", output, "--num-workers", "2",
-                       "--steps", "20", "--checkpoint-every", "10", *TINY)
+                       "--steps", "30", "--checkpoint-every", "10", *TINY)
     assert result.returncode == 0, result.stderr[-3000:]
-    check_run(output, 20)
+    check_run(output, 30)  # 20 steps left the loss near chance (ln 32) and fell short of the check once
 
 
 # ---------------------------------------------------------------------------------------------------------------------
