@@ -79,7 +79,8 @@ def test_a_run_records_its_resolved_device_and_precision(tmp_path) -> None:
     assert runtime["device"] == "cpu"
     assert runtime["precision"] == resolve_precision("auto", CPU)  # what this machine's CPU supports natively
     assert states[-1]["config"]["precision"] == "auto"
-    # the hardware it names: the bf16 instruction sets the kernel reports, no more (an AMD EPYC has AVX-512 BF16 alone)
+    # the hardware it names: no bf16 instruction set the kernel does not report (an AMD EPYC has AVX-512 BF16 alone;
+    # torch may also leave out one the kernel lists but the process may not use)
     flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
-    assert ("AMX" in runtime["hardware"]) == ("amx_tile" in flags), runtime["hardware"]
-    assert ("AVX-512 BF16" in runtime["hardware"]) == ("avx512_bf16" in flags), runtime["hardware"]
+    assert "amx_tile" in flags or "AMX" not in runtime["hardware"], runtime["hardware"]
+    assert "avx512_bf16" in flags or "AVX-512 BF16" not in runtime["hardware"], runtime["hardware"]
