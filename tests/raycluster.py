@@ -30,11 +30,17 @@ def ray_node(args: list[str], temp_dir: str, env: dict, python: str | None = Non
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def in_group(process: psutil.Process, group: int) -> bool:
-    try:
-        return os.getpgid(process.pid) == group
-    except (ProcessLookupError, psutil.Error):
-        return False
+def still_running(group: int) -> list[psutil.Process]:
+    """The processes of a process group that have not ended. A zombie has ended: stopping a node kills `ray start`
+    before its children are reaped, and they wait for whoever adopts them (a container's PID 1 may never reap)."""
+    running = []
+    for process in psutil.process_iter():
+        try:
+            if os.getpgid(process.pid) == group and process.status() != psutil.STATUS_ZOMBIE:
+                running.append(process)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return running
 
 
 @contextlib.contextmanager
