@@ -16,6 +16,8 @@ import threading
 import time
 from collections.abc import Callable
 
+import psutil
+
 
 def free_ports(count: int = 1, host: str = "127.0.0.1", avoid: frozenset[int] = frozenset()) -> list[int]:
     """`count` distinct ports the OS reports free on `host` (held open together so that they differ)."""
@@ -39,19 +41,36 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether `pid` is a process that has not ended. A zombie has ended: it only waits for its parent to reap it,
+    or, once its parent is gone, for whoever adopted it (a container's PID 1 may never reap)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return _running(psutil.Process(pid))
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+
+
+def still_running(processes: list[psutil.Process], timeout: float = 0.0) -> list[psutil.Process]:
+    """Those of `processes` still running after up to `timeout` seconds (zombies have ended)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [process for process in processes if _running(process)]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.2)
+
+
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
         return True
-    return True
 
 
 def stop_group(pid: int, process: subprocess.Popen[bytes] | None, grace: float) -> None:
-    """SIGTERM the process group led by `pid`, SIGKILL it after `grace` seconds, and reap the leader."""
-    if process is None and not pid_alive(pid):
-        return
+    """SIGTERM the process group led by `pid`, SIGKILL it after `grace` seconds, and reap the leader. The group is
+    signalled even when its leader has ended: it may still hold what the leader started."""
     if process is None or process.poll() is None:
         signal_group(pid, signal.SIGTERM)
         if not wait_exit(pid, process, grace):

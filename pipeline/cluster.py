@@ -33,7 +33,7 @@ from typing import Any
 
 import psutil
 
-from infra.processes import free_port
+from infra.processes import free_port, still_running
 from pipeline import storage
 from pipeline.errors import UserError
 
@@ -131,12 +131,12 @@ def stop_local_ray(process: subprocess.Popen, grace: float = 3.0) -> None:
     agents), SIGKILL what is left after `grace` seconds. A few seconds are all SIGTERM ever gets done: the GCS, raylet
     and dashboard end within two, while `ray start --block`, the autoscaler's monitor and idle workers outlast 20."""
     with contextlib.suppress(psutil.Error):
-        members = [process_ for process_ in psutil.Process(process.pid).children(recursive=True)]
-        members.append(psutil.Process(process.pid))
+        leader = psutil.Process(process.pid)
+        members = [*leader.children(recursive=True), leader]
         for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(process.pid, sig)
-            alive = _running(members, wait)
+            alive = still_running(members, wait)
             if not alive:
                 break
         for leftover in alive:  # a member that left the group: by its pid
@@ -144,24 +144,6 @@ def stop_local_ray(process: subprocess.Popen, grace: float = 3.0) -> None:
                 leftover.kill()
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(5)
-
-
-def _running(members: list[psutil.Process], timeout: float) -> list[psutil.Process]:
-    """The members still running after up to `timeout` seconds. An ended process whose parent has not reaped it yet
-    (a zombie: the head's children until `ray start` is gone) has ended."""
-    deadline = time.monotonic() + timeout
-    while True:
-        alive = [member for member in members if _alive(member)]
-        if not alive or time.monotonic() >= deadline:
-            return alive
-        time.sleep(0.2)
-
-
-def _alive(member: psutil.Process) -> bool:
-    try:
-        return member.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 
-from infra.processes import free_port
+from infra.processes import free_port, still_running
 from pipeline.cluster import stop_local_ray
 
 
@@ -30,17 +30,14 @@ def ray_node(args: list[str], temp_dir: str, env: dict, python: str | None = Non
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def still_running(group: int) -> list[psutil.Process]:
-    """The processes of a process group that have not ended. A zombie has ended: stopping a node kills `ray start`
-    before its children are reaped, and they wait for whoever adopts them (a container's PID 1 may never reap)."""
-    running = []
+def running_in_group(group: int) -> list[psutil.Process]:
+    """The processes of a process group that have not ended (zombies have)."""
+    members = []
     for process in psutil.process_iter():
-        try:
-            if os.getpgid(process.pid) == group and process.status() != psutil.STATUS_ZOMBIE:
-                running.append(process)
-        except (ProcessLookupError, psutil.Error):
-            pass
-    return running
+        with contextlib.suppress(ProcessLookupError, psutil.Error):
+            if os.getpgid(process.pid) == group:
+                members.append(process)
+    return still_running(members)
 
 
 @contextlib.contextmanager

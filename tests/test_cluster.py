@@ -28,7 +28,7 @@ from pipeline.catalog import build_openmoji_catalog, serve_directory, write_url_
 from pipeline.cluster import stop_local_ray
 from pipeline.manifest import read_manifest
 from tests.conftest import TEST_BUCKET
-from tests.raycluster import ray_node, still_running
+from tests.raycluster import ray_node, running_in_group
 
 
 def test_runtime_env_ships_the_code_and_no_secret() -> None:
@@ -178,7 +178,7 @@ def test_ingest_and_training_over_two_clean_nodes(seaweedfs, tmp_path: Path) -> 
         for node in reversed(nodes):
             stop_local_ray(node)
     for node in nodes:
-        assert not still_running(node.pid), "a node we started is still running"
+        assert not running_in_group(node.pid), "a node we started is still running"
     for secret in (seaweedfs.secret_key,):  # the key id is not secret, the secret key is
         assert not files_containing(head_dir, secret.encode()), "a Ray session file holds the secret"
         assert not files_containing(worker_dir, secret.encode()), "a Ray session file holds the secret"

@@ -22,6 +22,7 @@ import pytest
 from click.testing import CliRunner
 
 from flows.cli import cli
+from infra.processes import still_running
 from pipeline import storage
 from pipeline.download_worker import DownloadLimits, download_image
 from pipeline.errors import UserError
@@ -299,7 +300,7 @@ def test_killed_ingest_resumes_without_loss_or_duplicates(tmp_path: Path) -> Non
         done_before = len(list(output.glob("*_stats.json")))
         total_shards = -(-len(rows) // 50)
         assert done_before < total_shards, "the kill came too late to test resumption"
-        gone, alive = psutil.wait_procs(descendants, timeout=15)
+        alive = still_running(descendants, timeout=15)
         assert not alive, f"orphaned download processes still running: {[p.pid for p in alive]}"
 
         result = run_cli(*args[3:])

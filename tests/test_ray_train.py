@@ -22,7 +22,7 @@ from pipeline.catalog import build_openmoji_catalog, serve_directory, write_url_
 from pipeline.cluster import stop_local_ray
 from pipeline.ingest import IngestConfig, ingest
 from pipeline.manifest import read_manifest
-from tests.raycluster import ray_node, still_running
+from tests.raycluster import ray_node, running_in_group
 from training.data import steps_per_epoch
 
 pytestmark = pytest.mark.slow
@@ -113,7 +113,7 @@ def test_two_node_cluster_joined_by_address(shards: str, tmp_path: Path) -> None
         for node in reversed(nodes):
             stop_local_ray(node)
     for node in nodes:
-        assert not still_running(node.pid), "a node we started is still running"
+        assert not running_in_group(node.pid), "a node we started is still running"
 
 
 # ---------------------------------------------------------------------------------------------------------------------

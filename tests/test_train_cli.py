@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from infra.processes import still_running
 from tests.shards import write_dataset
 
 pytestmark = pytest.mark.slow
@@ -116,7 +117,7 @@ def test_ctrl_c_stops_everything_and_the_same_command_resumes_with_quiet_output(
             os.killpg(terminal.process.pid, signal.SIGKILL)
     assert b"\r" in terminal.output, "no in-place progress bar on a terminal"
     assert b"re-run the same command to resume" in terminal.output
-    _, alive = psutil.wait_procs(list(terminal.seen.values()), timeout=15)
+    alive = still_running(list(terminal.seen.values()), timeout=15)
     assert not alive, f"still running after Ctrl-C: {[(p.pid, p.cmdline()[:2]) for p in alive]}"
 
     # the re-run, its output not a terminal (as in CI or a Prefect log): plain lines, quiet, the runtime named
