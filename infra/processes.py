@@ -59,6 +59,16 @@ def still_running(processes: list[psutil.Process], timeout: float = 0.0) -> list
         time.sleep(0.2)
 
 
+def running_in_group(group: int) -> list[psutil.Process]:
+    """The processes of a process group that have not ended (zombies have)."""
+    members = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(ProcessLookupError, psutil.Error):
+            if os.getpgid(process.pid) == group:
+                members.append(process)
+    return still_running(members)
+
+
 def _running(process: psutil.Process) -> bool:
     try:
         return process.status() != psutil.STATUS_ZOMBIE

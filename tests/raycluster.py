@@ -13,9 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
-
-from infra.processes import free_port, still_running
+from infra.processes import free_port
 from pipeline.cluster import stop_local_ray
 
 
@@ -28,16 +26,6 @@ def ray_node(args: list[str], temp_dir: str, env: dict, python: str | None = Non
     return subprocess.Popen([*ray, "start", "--block", "--num-cpus=1", "--disable-usage-stats",
                              f"--temp-dir={temp_dir}", *args], start_new_session=True, env=env, cwd=temp_dir,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def running_in_group(group: int) -> list[psutil.Process]:
-    """The processes of a process group that have not ended (zombies have)."""
-    members = []
-    for process in psutil.process_iter():
-        with contextlib.suppress(ProcessLookupError, psutil.Error):
-            if os.getpgid(process.pid) == group:
-                members.append(process)
-    return still_running(members)
 
 
 @contextlib.contextmanager

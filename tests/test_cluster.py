@@ -22,13 +22,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from infra.processes import free_port
+from infra.processes import free_port, running_in_group
 from pipeline import storage
 from pipeline.catalog import build_openmoji_catalog, serve_directory, write_url_list
 from pipeline.cluster import stop_local_ray
 from pipeline.manifest import read_manifest
 from tests.conftest import TEST_BUCKET
-from tests.raycluster import ray_node, running_in_group
+from tests.raycluster import ray_node
 
 
 def test_runtime_env_ships_the_code_and_no_secret() -> None:

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from infra.processes import free_port
+from infra.processes import free_port, running_in_group
 from pipeline import storage
 from pipeline.catalog import build_openmoji_catalog, serve_directory, write_url_list
 from pipeline.cluster import stop_local_ray
 from pipeline.ingest import IngestConfig, ingest
 from pipeline.manifest import read_manifest
-from tests.raycluster import ray_node, running_in_group
+from tests.raycluster import ray_node
 from training.data import steps_per_epoch
 
 pytestmark = pytest.mark.slow
