@@ -13,7 +13,8 @@ kept + removed by reason = input, as ingest accounts for URLs. Three passes, eac
    and/or the top fraction, of the cosine or of its CSLS), near-duplicates (of each group of near-identical images
    with the same caption, the best-scoring is kept). Every sample gets one outcome: kept, or the first rule it fails
    (`_filter/decisions.parquet`, written once, so a resumed run writes exactly what an uninterrupted one would).
-3. write: each input shard's kept samples are copied, bytes untouched, into the output shard of the same number.
+3. write: each input shard's kept samples are copied, bytes untouched, into the output shard of the same number,
+   streamed (to S3 through a local temporary file), so a shard is never held in memory.
 
 Near-neighbours are searched with faiss: exact search for small sets, an HNSW graph above `exact_search_limit`
 samples; memory holds the index and one row of scan results per sample, never the images.
@@ -29,11 +30,12 @@ import json
 import os
 import posixpath
 import tarfile
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import Literal, Protocol
+from typing import BinaryIO, Literal, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -518,13 +520,22 @@ def decide(scan: pa.Table, config: FilterConfig, references: pa.Table | None) ->
 # 5. writing
 
 
-def _put(fs, path: str, data: bytes, remote: bool) -> None:
-    """One object put on S3; written then renamed locally, so a file that exists is whole."""
+def _write(fs, path: str, remote: bool, write: Callable[[BinaryIO], object]) -> None:
+    """`write(file)` into `path`, which exists whole or not at all: locally written as `path.tmp` and renamed; to S3
+    from a local temporary file in one upload (multipart when large), so memory never holds the whole object."""
     if remote:
-        fs.pipe_file(path, data)
+        with tempfile.NamedTemporaryFile(prefix="clipforge-filter-") as file:
+            write(file)
+            file.flush()
+            fs.put_file(file.name, path)
     else:
-        fs.pipe_file(path + ".tmp", data)
+        with fs.open(path + ".tmp", "wb") as file:
+            write(file)
         fs.mv(path + ".tmp", path)
+
+
+def _put(fs, path: str, data: bytes, remote: bool) -> None:
+    _write(fs, path, remote, lambda file: file.write(data))
 
 
 def _parquet(table: pa.Table) -> bytes:
@@ -547,10 +558,9 @@ def _read_parquet(fs, path: str) -> pa.Table:
         return pq.read_table(f)
 
 
-def _copy_kept(url: str, kept: set[int], config: FilterConfig) -> bytes:
-    """A tar of the kept samples (by index) of one input shard, members and bytes as they were."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+def _copy_kept(url: str, kept: set[int], config: FilterConfig, file: BinaryIO) -> None:
+    """Write into `file` a tar of the kept samples (by index) of one input shard, members and bytes as they were."""
+    with tarfile.open(fileobj=file, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for index, sample in enumerate(iter_shard(url, config.storage)):
             if index not in kept:
                 continue
@@ -559,7 +569,6 @@ def _copy_kept(url: str, kept: set[int], config: FilterConfig) -> bytes:
                     info = tarfile.TarInfo(f"{sample['__key__']}.{extension}")
                     info.size, info.mode, info.mtime = len(data), 0o644, 0
                     tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -673,7 +682,8 @@ def filter_dataset(config: FilterConfig, make_embedder: Callable[[], Embedder] |
             name = f"{info.shard:05d}.tar"
             target = posixpath.join(path, name)
             if not fs.exists(target):
-                _put(fs, target, _copy_kept(storage.join(source.location, info.path), kept, config), remote)
+                shard_url = storage.join(source.location, info.path)
+                _write(fs, target, remote, lambda file: _copy_kept(shard_url, kept, config, file))
             with fs.open(target, "rb") as stream:
                 offsets = tar_sample_offsets(stream)
             written.append(ShardInfo(shard=info.shard, path=name, samples=len(kept), attempted=info.samples,
