@@ -214,3 +214,41 @@ def test_build_needs_enough_readable_images(tiny_checkpoint: Path, synthetic_cat
     result = CliRunner().invoke(BRAND, ["build", "--model", str(tiny_checkpoint), "--images", str(tmp_path),
                                         "--output", str(tmp_path / "profile")])
     assert isinstance(result.exception, UserError) and "at least 10" in str(result.exception)
+
+
+@pytest.mark.slow
+def test_build_and_score_on_object_storage_as_on_a_local_folder(synthetic_catalog: Path,  # noqa: F811
+                                                                 tiny_checkpoint: Path, tmp_path: Path,  # noqa: F811
+                                                                 s3_env: str) -> None:
+    """Approved images, profile, uploads and scores all under an S3 prefix (SeaweedFS, keys from the AWS variables)
+    give the scores the same images give in local folders."""
+    from evaluation.brand import read_scores
+    from pipeline import storage
+
+    fs, prefix = storage.filesystem(s3_env)
+    images = sorted((synthetic_catalog / "images").glob("*.png"))
+    for folder, chosen in (("approved", images[:40]), ("uploads", images[40:46])):
+        (tmp_path / folder).mkdir()
+        for path in chosen:
+            shutil.copy(path, tmp_path / folder / path.name)
+            fs.put_file(str(path), f"{prefix}/{folder}/{path.name}")
+    (tmp_path / "uploads" / "notes.png").write_text("a text file with an image's name\n")
+    fs.put_file(str(tmp_path / "uploads" / "notes.png"), f"{prefix}/uploads/notes.png")
+
+    runner, scores = CliRunner(), {}
+    for root in (str(tmp_path), s3_env):
+        profile = storage.join(root, "profile")
+        built = runner.invoke(BRAND, ["build", "--model", str(tiny_checkpoint), "--images",
+                                      storage.join(root, "approved"), "--output", profile])
+        assert built.exit_code == 0, built.output
+        scored = runner.invoke(BRAND, ["score", "--profile", profile, "--images", storage.join(root, "uploads"),
+                                       "--output", storage.join(root, "scores")])
+        assert scored.exit_code == 0, scored.output
+        scores[root] = {r["key"]: r for r in read_scores(storage.join(root, "scores")).to_pylist()}
+    local, remote = scores[str(tmp_path)], scores[s3_env]
+    assert sorted(remote) == sorted(local) and len(local) == 7
+    assert remote["notes.png"]["error"].startswith("not_an_image")
+    for key, row in local.items():
+        assert remote[key]["verdict"] == row["verdict"]
+        assert remote[key]["probability"] == pytest.approx(row["probability"], abs=1e-6)
+    assert fs.exists(f"{prefix}/profile/report.html") and fs.exists(f"{prefix}/scores/report.html")
