@@ -71,7 +71,7 @@ def check_run(output: str, steps: int) -> None:
     assert {r["rank"] for r in worker_records(output)} == {0, 1}
 
 
-def test_two_ray_workers_on_seaweedfs(shards: str, s3_env: str) -> None:
+def test_two_ray_workers_train_on_seaweedfs_and_evaluate_reads_the_model_there(shards: str, s3_env: str) -> None:
     fs, path = storage.filesystem(s3_env)
     fs.put(shards + "/", f"{path}/shards", recursive=True)  # the dataset lives on object storage
     output = storage.join(s3_env, "run")
@@ -79,6 +79,15 @@ def test_two_ray_workers_on_seaweedfs(shards: str, s3_env: str) -> None:
                        "--steps", "30", "--checkpoint-every", "10", *TINY)
     assert result.returncode == 0, result.stderr[-3000:]
     check_run(output, 30)  # 20 steps left the loss near chance (ln 32) and fell short of the check once
+    # the next step reads the model and the data where training left them and writes beside them
+    evaluation = storage.join(s3_env, "eval")
+    result = clipforge("evaluate", "--model", storage.join(output, "model"), "--data", storage.join(s3_env, "shards"),
+                       "--label-field", "group", "--templates", "emoji", "--output", evaluation)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads(fs.cat_file(f"{path}/eval/metrics.json"))
+    samples = read_manifest(storage.join(s3_env, "shards")).num_samples
+    assert metrics["zero_shot"]["num_samples"] == samples and metrics["retrieval"]["num_images"] == samples
+    assert fs.exists(f"{path}/eval/report.html")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
