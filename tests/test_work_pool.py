@@ -1,8 +1,9 @@
 """The deployments of `prefect.yaml` on a process work pool, as production runs them: `prefect work-pool create`,
 `prefect deploy --all`, `prefect worker start`, then `prefect deployment run clip-train/clip-train` to Completed
-through the worker (not through `serve`). Commands run as a user types them, against the multi-user form of the
-Prefect server: its database on PostgreSQL (infra/postgres.py) and API authentication on, which refuses a client
-without the auth string. (The SQLite form runs the same flow through `serve` in tests/test_deployments.py.)
+through the worker (not through `serve`), its data, run and registry on object storage (SeaweedFS, the keys in the
+worker's environment). Commands run as a user types them, against the multi-user form of the Prefect server: its
+database on PostgreSQL (infra/postgres.py) and API authentication on, which refuses a client without the auth
+string. (The SQLite form runs the same flow through `serve` on local folders in tests/test_deployments.py.)
 """
 
 from __future__ import annotations
@@ -57,9 +58,12 @@ def stop_worker(worker: subprocess.Popen) -> None:
     _stop_group(worker)
 
 
-def deploy_and_run_through_a_worker(api_env: dict[str, str], root: Path) -> None:
-    """The whole work-pool path against the server `api_env` points at: pool, deploy, worker, a run to Completed."""
+def deploy_and_run_through_a_worker(api_env: dict[str, str], root: Path, location: str) -> None:
+    """The whole work-pool path against the server `api_env` points at: pool, deploy, worker, a run to Completed that
+    writes everything under `location` (an S3 prefix the environment's AWS variables reach) and nothing in `root`."""
+    from pipeline import storage
     from pipeline.catalog import build_openmoji_catalog, serve_directory, write_url_list
+    from pipeline.manifest import read_manifest
     from pipeline.registry import promoted
 
     env = {**os.environ, **api_env, "CLIPFORGE_SOURCE": str(ROOT)}
@@ -79,12 +83,12 @@ def deploy_and_run_through_a_worker(api_env: dict[str, str], root: Path) -> None
         try:
             parameters = {
                 "ingest": {"train_urls": str(lists["train"]), "val_urls": str(lists["val"]),
-                           "output": str(root / "data"), "image_size": 32, "samples_per_shard": 50, "processes": 1,
+                           "output": storage.join(location, "data"), "image_size": 32, "samples_per_shard": 50, "processes": 1,
                            "threads": 8},
                 "train": {"preset": "tiny", "steps": 6, "batch_size": 32, "warmup_steps": 2, "checkpoint_every": 6,
-                          "log_every": 2, "loader_workers": 1, "num_workers": 1, "output": str(root / "run")},
+                          "log_every": 2, "loader_workers": 1, "num_workers": 1, "output": storage.join(location, "run")},
                 "evaluation": {"label_field": "group", "templates": "emoji", "batch_size": 64},
-                "registry": {"location": str(root / "registry"), "model_name": "pool"},
+                "registry": {"location": storage.join(location, "registry"), "model_name": "pool"},
             }
             run = prefect("deployment", "run", "clip-train/clip-train", "--params", json.dumps(parameters), env=env)
             assert run.returncode == 0, run.stdout + run.stderr
@@ -104,11 +108,18 @@ def deploy_and_run_through_a_worker(api_env: dict[str, str], root: Path) -> None
     assert flow_run.state.is_completed(), f"{flow_run.state.message}\n{log_text[-4000:]}"
     assert flow_run.work_pool_name == POOL, "the run went through the work pool"
     assert flow_run_id in log_text, "the worker picked the run up"
-    assert promoted(str(root / "registry"), "pool") is not None
+    version = promoted(storage.join(location, "registry"), "pool")
+    assert version is not None and all(dataset.startswith(location) for dataset in version.dataset)
+    assert read_manifest(version.dataset[0]).location.endswith("train-filtered")
+    fs, prefix = storage.filesystem(location)
+    for written in ("run/model/model.safetensors", "run/eval/metrics.json", "run/brand/scores/report.html",
+                    "run/phases.json", "data/train-filtered/report.html", "data/val/manifest.parquet"):
+        assert fs.exists(f"{prefix}/{written}"), written
+    assert not [p for p in ("data", "run", "registry") if (root / p).exists()], "written locally instead"
 
 
 @pytest.mark.slow
-def test_deploy_and_run_through_a_process_worker_on_postgres_with_auth(tmp_path: Path) -> None:
+def test_deploy_and_run_through_a_process_worker_on_postgres_with_auth_to_s3(tmp_path: Path, s3_env: str) -> None:
     import asyncio
 
     import asyncpg
@@ -135,7 +146,7 @@ def test_deploy_and_run_through_a_process_worker_on_postgres_with_auth(tmp_path:
             refused = prefect("work-pool", "ls", env={**os.environ, **unauthenticated})
             assert refused.returncode != 0
 
-            deploy_and_run_through_a_worker(server.env(), tmp_path)
+            deploy_and_run_through_a_worker(server.env(), tmp_path, s3_env)
             with _client(server.api_url, auth) as client:
                 nightly = client.read_deployment_by_name("nightly-finetune/nightly")
             assert nightly.work_pool_name == POOL
