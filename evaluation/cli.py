@@ -92,8 +92,8 @@ brand_group.add_command(brand_build_command)
 brand_group.add_command(brand_score_command)
 
 
-@config_command(SearchConfig, "search", required=("index",), help="""Search an embedded image library with text
-    queries; prints the top-k images with their cosine scores.
+@config_command(SearchConfig, "search", required=("index",), arguments=("queries",), help="""Search an embedded
+    image library with text queries; prints the top-k images with their cosine scores.
 
     \b
     Example:
@@ -107,8 +107,6 @@ def search_command(config: SearchConfig) -> None:
     if config.output:
         click.echo(f"wrote {config.output}/results.json, report.html")
 
-
-search_command.params.insert(0, click.Argument(["queries"], nargs=-1))  # positional queries -> SearchConfig.queries
 
 @config_command(FilterConfig, "filter", required=("data", "output"), help="""Filter an ingested dataset into a new
     one, like DataComp: caption and image rules, language, CLIP score, near-duplicates, decontamination against

@@ -76,11 +76,12 @@ def _nested_help(model: type[BaseModel], prefix: str) -> list[str]:
 
 
 def config_command(
-    config_class: type[Config], name: str, help: str, required: tuple[str, ...] = ()
+    config_class: type[Config], name: str, help: str, required: tuple[str, ...] = (), arguments: tuple[str, ...] = ()
 ) -> Callable[[Callable[..., Any]], click.Command]:
     """Decorate `fn(config)` into a click command whose options are `config_class`'s fields.
 
-    `required` names fields that must be given on the command line or in the config file.
+    `required` names fields that must be given on the command line or in the config file; `arguments` names list
+    fields given as the command's positional arguments instead of options.
     """
 
     def decorate(fn: Callable[..., Any]) -> click.Command:
@@ -91,6 +92,9 @@ def config_command(
             description = (field.description or "").replace("\n", " ")
             default = _default_text(field)
             text = f"{description} [{default}]" if default else description
+            if field_name in arguments:
+                params.append(click.Argument([field_name], nargs=-1))
+                continue
             if _is_model(field.annotation):
                 nested += _nested_help(_unwrap_optional(field.annotation), field_name + ".")
                 continue

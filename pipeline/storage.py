@@ -193,6 +193,8 @@ def redact(text: str, storage: StorageConfig | None = None) -> str:
 
 _CREDENTIAL_CODES = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "Forbidden", "403")
 _CREDENTIAL_CODES += ("ACCESS_DENIED", "SIGNATURE_DOES_NOT_MATCH", "INVALID_ACCESS_KEY_ID")  # pyarrow spells them so
+# botocore (s3fs, boto3), then pyarrow's AWS SDK (any failure to connect, an unknown host among them)
+_UNREACHABLE = ("Could not connect", "EndpointConnectionError", "Connection refused", "NETWORK_CONNECTION")
 
 
 def describe_storage_error(err: BaseException, location: str, storage: StorageConfig | None = None) -> str | None:
@@ -209,8 +211,9 @@ def describe_storage_error(err: BaseException, location: str, storage: StorageCo
         )
     if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
         return f"bucket of {location} does not exist at {endpoint}: create it first"
-    if "Could not connect" in text or "EndpointConnectionError" in text or "Connection refused" in text:
-        return f"cannot reach storage endpoint {endpoint} for {location}: is it running? (storage.endpoint_url)"
+    if any(sign in text for sign in _UNREACHABLE):
+        return (f"cannot reach storage endpoint {endpoint} for {location}: is it running, and is its address right? "
+                "(storage.endpoint_url or AWS_ENDPOINT_URL)")
     if isinstance(err, FileNotFoundError):
         return f"{location} does not exist"
     if isinstance(err, IsADirectoryError | NotADirectoryError):

@@ -319,6 +319,18 @@ def test_evaluate_unknown_label_field_is_a_user_error(tiny_checkpoint: Path, syn
     assert "no label field 'species'" in str(result.exception) and "group" in str(result.exception)
 
 
+def test_search_queries_are_its_arguments_and_nothing_else() -> None:
+    """One parameter named `queries`, positional: an option of the same name would clash with it (click warns)."""
+    import warnings
+
+    queries = [param for param in COMMANDS["search"].params if param.name == "queries"]
+    assert len(queries) == 1 and queries[0].param_type_name == "argument"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = CliRunner().invoke(COMMANDS["search"], ["--index", "missing.parquet", "a red circle"])
+    assert "embedding table missing.parquet does not exist" in str(result.exception)
+
+
 def test_every_option_has_help() -> None:
     for command in [COMMANDS["embed"], COMMANDS["evaluate"], COMMANDS["search"], *COMMANDS["brand"].commands.values()]:
         for param in command.params:

@@ -211,6 +211,20 @@ def test_stopped_endpoint_cannot_be_reached(tmp_path, monkeypatch) -> None:
         storage.check_writable("s3://clipforge/x", config)
 
 
+def test_an_endpoint_whose_host_does_not_resolve_is_one_line_through_both_filesystems(monkeypatch) -> None:
+    from pipeline.manifest import read_manifest
+
+    clear_aws_environment(monkeypatch)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore would retry with backoff
+    config = storage.StorageConfig(endpoint_url="http://no-such-host.invalid:8333", access_key_id="key-id",
+                                   secret_access_key="secret")
+    expected = "cannot reach storage endpoint http://no-such-host.invalid:8333 for s3://clipforge/x"
+    with pytest.raises(UserError, match=expected):
+        storage.check_writable("s3://clipforge/x", config)  # s3fs
+    with pytest.raises(UserError, match=expected):
+        read_manifest("s3://clipforge/x", config)  # pyarrow
+
+
 @pytest.mark.slow
 def test_subprocess_env_lets_a_child_process_list_the_bucket(seaweedfs: SeaweedFS, monkeypatch) -> None:
     clear_aws_environment(monkeypatch)
