@@ -72,10 +72,13 @@ def run_demo(workdir: str | Path = ".clipforge", epochs: int | None = None, prec
             # server) before the server stops
             child = subprocess.run([sys.executable, "-c", "from flows.demo import run_flow; run_flow()",
                                     str(spec_file), str(result_file)], env={**os.environ, **server.env()})
+            result = json.loads(result_file.read_text()) if result_file.exists() else {}
+            if "error" in result:  # a UserError the flow raised: what to fix, in one line
+                raise UserError(f"the clip-train flow run failed: {result['error']}")
             if child.returncode != 0:
                 raise UserError(f"the clip-train flow run failed (exit status {child.returncode}); its logs are above "
                                 f"and in the Prefect UI; re-running `clipforge demo` resumes it")
-            return DemoResult(**json.loads(result_file.read_text()))
+            return DemoResult(**result)
 
 
 def run_flow() -> None:
@@ -85,9 +88,13 @@ def run_flow() -> None:
 
     parameters = json.loads(Path(sys.argv[1]).read_text())
     run = parameters["train"]["output"]
-    version = clip_train(ingest=IngestParams(**parameters["ingest"]), train=TrainSettings(**parameters["train"]),
-                         evaluation=EvaluationSettings(**parameters["evaluation"]),
-                         registry=ClipTrainRegistry(**parameters["registry"]))
+    try:
+        version = clip_train(ingest=IngestParams(**parameters["ingest"]), train=TrainSettings(**parameters["train"]),
+                             evaluation=EvaluationSettings(**parameters["evaluation"]),
+                             registry=ClipTrainRegistry(**parameters["registry"]))
+    except UserError as err:  # the flow run's log (above, and in the UI) has the traceback; the parent says why
+        Path(sys.argv[2]).write_text(json.dumps({"error": str(err)}))
+        sys.exit(2)
     result = DemoResult(model=version.location, version=version.ref,
                         report=storage.join(run, "eval", "report.html"),
                         brand_report=storage.join(run, "brand", "scores", "report.html"), run=run,

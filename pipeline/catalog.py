@@ -668,7 +668,7 @@ def serve_directory(directory: str | os.PathLike, host: str = "127.0.0.1", port:
         server = http.server.ThreadingHTTPServer((host, port), handler)
     except OSError as err:
         reason = err.strerror or err
-        raise UserError(f"cannot listen on {host}:{port}: {reason}; try another --port (0: any free)") from None
+        raise UserError(f"cannot listen on {host}:{port}: {reason}") from None
     server.daemon_threads = True
     bound_host, bound_port = server.server_address[:2]
     url_host = "127.0.0.1" if bound_host in ("0.0.0.0", "") else bound_host
@@ -690,8 +690,15 @@ def serve_catalogs(catalogs: dict[str, Path], lists_dir: str | os.PathLike,
     catalog (`lists_dir/<split>.parquet`, one `<split>-<name>.parquet` per catalog beside it)."""
     lists = Path(lists_dir)
     with contextlib.ExitStack() as servers:
-        base_urls = {name: servers.enter_context(serve_directory(folder, port=first_port + i if first_port else 0))
-                     for i, (name, folder) in enumerate(catalogs.items())}
+        base_urls = {}
+        for i, (name, folder) in enumerate(catalogs.items()):
+            port = first_port + i if first_port else 0
+            try:
+                base_urls[name] = servers.enter_context(serve_directory(folder, port=port))
+            except UserError as err:  # only a fixed port can be taken
+                raise UserError(f"{err}: the catalogs are served on fixed ports, so that their URL lists and the "
+                                "shards ingested from them stay valid from run to run; is another clipforge demo or "
+                                "clip-train run serving them on this machine?") from None
         url_lists = {}
         for split in SPLITS:
             parts = [pq.read_table(write_url_list(folder, base_urls[name], split, lists / f"{split}-{name}.parquet"))

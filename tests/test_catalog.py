@@ -244,6 +244,14 @@ def test_catalogs_served_together_give_one_url_list_per_split(openmoji_300: Path
                 assert response.read() == (fluent_300 / expected[-1]["image"]).read_bytes()
 
 
+def test_a_taken_fixed_port_says_why_the_port_is_fixed(synthetic_64: Path, tmp_path: Path) -> None:
+    with catalog.serve_directory(synthetic_64) as base_url:  # holds a port, as another run would
+        port = int(base_url.rsplit(":", 1)[1])
+        with pytest.raises(UserError, match=f"cannot listen on 127.0.0.1:{port}: .*fixed ports.*another clipforge"):
+            with catalog.serve_catalogs({"synthetic": synthetic_64}, tmp_path / "lists", first_port=port):
+                pass
+
+
 def test_url_list_splits_and_errors(synthetic_64: Path, tmp_path: Path) -> None:
     sizes = {split: len(_read_url_list(catalog.write_url_list(synthetic_64, "http://h:1/", split,
                                                                  tmp_path / f"{split}.jsonl")))

@@ -345,3 +345,22 @@ def test_nightly_promotes_refuses_and_has_nothing_to_do(nightly_env: dict) -> No
     assert state.is_failed() and "the filter kept none of the 5 samples" in state.message, state.message
     assert [v.version for v in list_versions(registry, "clip")] == [1, 2, 3]
     assert read_state(str(Path(registry) / "clip" / "nightly-state.json")).processed == ["day1.parquet", "day2.csv"]
+
+
+@pytest.mark.slow
+def test_demo_with_the_catalog_port_taken_ends_with_the_reason_in_one_line(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    from flows.clip_train import CATALOG_PORT
+
+    with socket.socket() as holder:  # another run serving the bundled catalog
+        holder.bind(("127.0.0.1", CATALOG_PORT))
+        holder.listen()
+        result = subprocess.run([sys.executable, "-m", "flows.cli", "demo", "--workdir", str(tmp_path)],
+                                capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: the clip-train flow run failed: cannot listen on 127.0.0.1:{CATALOG_PORT}"), last
+    assert "another clipforge demo or clip-train run" in last
