@@ -6,12 +6,11 @@ promote the result only if it is not worse on a fixed validation set.
     candidate >= promoted - tolerance ─> record the lists as processed
 
 A small state file (`NightlyState`: the processed list names and the last run's time) remembers what was done. It is
-written only at the end of a successful run, atomically (a temporary file and `os.replace` locally, one PUT on S3),
-so a killed or failed run leaves the old state and the next run retries the same lists, reusing their ingest and
-training. With no new list the run ends at once in a Completed state whose message says "nothing to do". The new
-data is filtered as clip-train filters its training set (`filtering`, basic rules by default), and decontaminated
-against `validation` and `domain_validation`, so a copy of a validation image that arrives in a list is never
-trained on.
+written only at the end of a successful run, atomically (`storage.write_atomically`), so a killed or failed run
+leaves the old state and the next run retries the same lists, reusing their ingest and training. With no new list
+the run ends at once in a Completed state whose message says "nothing to do". The new data is filtered as clip-train
+filters its training set (`filtering`, basic rules by default), and decontaminated against `validation` and
+`domain_validation`, so a copy of a validation image that arrives in a list is never trained on.
 
 With `domain_validation` (the new catalog's validation set) the candidate is chosen by WiSE-FT: the promoted and the
 fine-tuned weights are mixed over a grid, each mix is evaluated on the domain set and on `validation` (the guardrail),
@@ -25,12 +24,9 @@ stays inspectable; the run's markdown report says which model is promoted and wh
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import io
-import os
 import posixpath
-import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -127,35 +123,8 @@ def read_state(location: str, config: StorageConfig | None = None) -> NightlySta
     return NightlyState.model_validate_json(data)
 
 
-def write_atomically(location: str, data: bytes, config: StorageConfig | None = None) -> None:
-    """Readers see the old or the new content, never a part: temp file + fsync + `os.replace` locally, one PUT on S3."""
-    fs, path = storage.filesystem(location, config)
-    with storage.storage_errors(location, config):
-        if storage.is_remote(location):
-            fs.pipe_file(path, data)  # a single PUT of a small object is atomic for readers
-            return
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        temporary = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-        try:
-            with open(temporary, "wb") as file:
-                file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, path)  # same folder, same filesystem: an atomic rename
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(temporary)
-            raise
-        descriptor = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)  # the rename survives a power cut too
-        finally:
-            os.close(descriptor)
-
-
 def write_state(location: str, state: NightlyState, config: StorageConfig | None = None) -> None:
-    write_atomically(location, state.model_dump_json(indent=2).encode(), config)
+    storage.write_atomically(location, state.model_dump_json(indent=2).encode(), config)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -197,7 +166,7 @@ def combine_url_lists(locations: list[str], output: str, config: StorageConfig |
         raise UserError(f"the new URL lists have incompatible columns: {err}") from None
     buffer = io.BytesIO()
     pq.write_table(combined, buffer)
-    write_atomically(output, buffer.getvalue(), config)
+    storage.write_atomically(output, buffer.getvalue(), config)
     return output
 
 
@@ -384,7 +353,7 @@ def wise_ft(start: str, tuned: str, nightly: NightlyParams, evaluate, run_output
     choice = choose_mixing_weight(points, nightly.tolerance, domain_metric, nightly.metric)
     png = grid_plot(points, choice, domain_metric, nightly.metric, nightly.tolerance)
     plot = storage.join(run_output, "wise-ft.png")
-    write_atomically(plot, png, store)
+    storage.write_atomically(plot, png, store)
     get_run_logger().info("WiSE-FT grid: %s; %s", ", ".join(
         f"{p.mixing_weight:g}: domain {p.domain:.4f} guardrail {p.guardrail:.4f}" for p in points), choice.reason)
     return WiseFtResult(points=points, choice=choice, domain_metric=domain_metric, plot=plot, plot_png=png,

@@ -30,7 +30,6 @@ import json
 import os
 import posixpath
 import tarfile
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -520,22 +519,9 @@ def decide(scan: pa.Table, config: FilterConfig, references: pa.Table | None) ->
 # 5. writing
 
 
-def _write(fs, path: str, remote: bool, write: Callable[[BinaryIO], object]) -> None:
-    """`write(file)` into `path`, which exists whole or not at all: locally written as `path.tmp` and renamed; to S3
-    from a local temporary file in one upload (multipart when large), so memory never holds the whole object."""
-    if remote:
-        with tempfile.NamedTemporaryFile(prefix="clipforge-filter-") as file:
-            write(file)
-            file.flush()
-            fs.put_file(file.name, path)
-    else:
-        with fs.open(path + ".tmp", "wb") as file:
-            write(file)
-        fs.mv(path + ".tmp", path)
-
-
-def _put(fs, path: str, data: bytes, remote: bool) -> None:
-    _write(fs, path, remote, lambda file: file.write(data))
+def _put(fs, path: str, data: bytes) -> None:
+    with storage.open_atomic(fs, path) as file:
+        file.write(data)
 
 
 def _parquet(table: pa.Table) -> bytes:
@@ -591,7 +577,7 @@ def _scan_task(url: str, shard: int, config: FilterConfig, make_embedder: Callab
     node = ray.get_runtime_context().get_node_id()[:8]  # ray
     fs, path = storage.filesystem(output, config.storage)
     _put(fs, _scan_path(posixpath.join(path, WORK_DIR), shard),
-         _parquet(_scanned_by(table, f"ray task pid {os.getpid()} on node {node}")), storage.is_remote(output))
+         _parquet(_scanned_by(table, f"ray task pid {os.getpid()} on node {node}")))
     return shard
 
 
@@ -636,16 +622,17 @@ def filter_dataset(config: FilterConfig, make_embedder: Callable[[], Embedder] |
         raise UserError("--output must differ from --data: the filter writes a new dataset and keeps the input")
     storage.check_writable(output, config.storage)
     fs, path = storage.filesystem(output, config.storage)
-    remote = storage.is_remote(output)
     work = posixpath.join(path, WORK_DIR)
     with storage.storage_errors(output, config.storage):
         fs.makedirs(posixpath.join(work, "scan"), exist_ok=True)
+        for folder in (path, work, posixpath.join(work, "scan")):  # what a killed run of this filter was writing
+            storage.remove_temporaries(fs, folder)
         settings = posixpath.join(work, "rules.json")
         rules = json.dumps(config.rules(), indent=2, sort_keys=True)
         if fs.exists(settings) and fs.cat_file(settings).decode() != rules:
             raise UserError(f"{output} holds a filter run with other rules ({storage.join(output, WORK_DIR, 'rules.json')}): "
                             "choose another --output, or delete it to start over")
-        _put(fs, settings, rules.encode(), remote)
+        _put(fs, settings, rules.encode())
 
         shards = [s for s in source.shards if s.samples > 0]
         todo = [(storage.join(source.location, s.path), s.shard) for s in shards if not fs.exists(_scan_path(work, s.shard))]
@@ -657,7 +644,7 @@ def filter_dataset(config: FilterConfig, make_embedder: Callable[[], Embedder] |
             identifier = _language_identifier(config)
             for url, shard in tqdm(todo, desc="filter: scan", unit="shard", disable=None if progress else True):
                 table = scan_shard(url, shard, config, embedder, identifier)
-                _put(fs, _scan_path(work, shard), _parquet(_scanned_by(table, "this process")), remote)
+                _put(fs, _scan_path(work, shard), _parquet(_scanned_by(table, "this process")))
         unreadable = {info.shard: info.samples - _num_rows(fs, _scan_path(work, info.shard)) for info in shards}
 
         decisions_path = posixpath.join(work, "decisions.parquet")
@@ -668,8 +655,8 @@ def filter_dataset(config: FilterConfig, make_embedder: Callable[[], Embedder] |
                 embedder = make_embedder()
             references = reference_features(config.decontaminate, config, embedder) if config.decontaminate else None
             decisions, contaminated = decide(scan, config, references)
-            _put(fs, posixpath.join(path, "decontaminated.parquet"), _parquet(contaminated), remote)
-            _put(fs, decisions_path, _parquet(decisions), remote)
+            _put(fs, posixpath.join(path, "decontaminated.parquet"), _parquet(contaminated))
+            _put(fs, decisions_path, _parquet(decisions))
         decisions = _read_parquet(fs, decisions_path)
 
         kept_by_shard: dict[int, set[int]] = {info.shard: set() for info in shards}
@@ -683,7 +670,8 @@ def filter_dataset(config: FilterConfig, make_embedder: Callable[[], Embedder] |
             target = posixpath.join(path, name)
             if not fs.exists(target):
                 shard_url = storage.join(source.location, info.path)
-                _write(fs, target, remote, lambda file: _copy_kept(shard_url, kept, config, file))
+                with storage.open_atomic(fs, target) as file:
+                    _copy_kept(shard_url, kept, config, file)
             with fs.open(target, "rb") as stream:
                 offsets = tar_sample_offsets(stream)
             written.append(ShardInfo(shard=info.shard, path=name, samples=len(kept), attempted=info.samples,
@@ -697,7 +685,7 @@ def filter_dataset(config: FilterConfig, make_embedder: Callable[[], Embedder] |
         summary = IngestSummary(input_rows=source.num_samples, successes=sum(s.samples for s in written),
                                 failures=dict(failures.most_common()), bytes=sum(s.bytes for s in written),
                                 shards=len(written), seconds=round(time.monotonic() - started, 2))
-        _put(fs, posixpath.join(path, "removed.parquet"), _parquet(removed), remote)
-        _put(fs, posixpath.join(work, "summary.json"), json.dumps({**asdict(summary), "data": source.location}, indent=2).encode(), remote)
+        _put(fs, posixpath.join(path, "removed.parquet"), _parquet(removed))
+        _put(fs, posixpath.join(work, "summary.json"), json.dumps({**asdict(summary), "data": source.location}, indent=2).encode())
         write_manifest(output, written, summary, config.storage)
     return Manifest(location=output, shards=written, summary=summary)

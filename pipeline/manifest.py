@@ -109,18 +109,13 @@ def tar_sample_offsets(stream) -> list[int]:
 
 def write_manifest(location: str, shards: list[ShardInfo], summary: IngestSummary,
                    config: StorageConfig | None = None) -> str:
-    """Write `manifest.parquet` at `location` (one object put on S3; written then renamed locally)."""
+    """Write `manifest.parquet` at `location`, whole or not at all (`storage.open_atomic`)."""
     columns = {name: [getattr(s, name) for s in shards] for name in _SCHEMA.names}
     table = pa.table(columns, schema=_SCHEMA)
     table = table.replace_schema_metadata({_SUMMARY_KEY: json.dumps(asdict(summary)).encode()})
-    fs, path = storage.pyarrow_filesystem(location, config)
-    target = f"{path}/{MANIFEST_NAME}"
-    if storage.is_remote(location):
-        pq.write_table(table, target, filesystem=fs)
-    else:
-        tmp = target + ".tmp"
-        pq.write_table(table, tmp, filesystem=fs)
-        fs.move(tmp, target)
+    fs, path = storage.filesystem(location, config)
+    with storage.open_atomic(fs, f"{path}/{MANIFEST_NAME}") as file:
+        pq.write_table(table, file)
     return storage.join(location, MANIFEST_NAME)
 
 

@@ -17,15 +17,13 @@ Guarantees, and how they hold when a process is killed at any moment:
   conditional PUT (`If-None-Match: *`, which AWS S3 and SeaweedFS honour) of `versions/<n>/.claim`; the files and
   then `registration.json` follow. A writer killed after its claim leaves a gap in the numbering, never a half
   version. A store that ignores `If-None-Match` would make this single-writer: run one registering job at a time.
-- `promoted.json` is never half-written: locally a temporary file in the same folder is written, fsynced and
-  `os.replace`d over it; on S3 it is one PUT of a small object, which readers see whole or not at all.
+- `promoted.json` is never half-written (`storage.write_atomically`): readers see the old pointer or the new one.
 
 Versions are never modified or deleted here. This module imports neither Prefect nor torch.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -40,7 +38,8 @@ import fsspec
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.errors import UserError
-from pipeline.storage import StorageConfig, absolute, filesystem, is_remote, join, storage_errors
+from pipeline.storage import (StorageConfig, absolute, filesystem, fsync_folder, is_remote, join, storage_errors,
+                              write_atomically)
 
 REGISTRATION_FILE = "registration.json"
 PROMOTED_FILE = "promoted.json"
@@ -188,13 +187,7 @@ def promote(
     get_version(registry, name, version, storage_config)  # refuse to promote a version that does not exist
     pointer = Promotion(version=int(version), promoted_at=datetime.now(UTC), reason=reason)
     data = pointer.model_dump_json(indent=2).encode()
-    location = join(registry, name, PROMOTED_FILE)
-    fs, path = filesystem(location, storage_config)
-    with storage_errors(location, storage_config):
-        if is_remote(registry):
-            fs.pipe_file(path, data)  # one PUT of a small object: readers see the old or the new object
-        else:
-            _replace_atomically(path, data)
+    write_atomically(join(registry, name, PROMOTED_FILE), data, storage_config)
 
 
 def promotion(registry: str, name: str, storage_config: StorageConfig | None = None) -> Promotion | None:
@@ -309,15 +302,17 @@ def _publish_local(
             numbers = [int(entry) for entry in os.listdir(versions_path) if entry.isdigit()]
             number = max(numbers, default=0) + 1
             # registration.json holds the number, so it is (re)written for each try; it is the last file written
-            _write_synced(os.path.join(staging, REGISTRATION_FILE), _registration_json(_numbered(created, number)))
-            _fsync_folder(staging)
+            with open(os.path.join(staging, REGISTRATION_FILE), "wb") as f:
+                f.write(_registration_json(_numbered(created, number)))
+                os.fsync(f.fileno())
+            fsync_folder(staging)
             try:
                 os.rename(staging, os.path.join(versions_path, str(number)))  # fails if another writer took it
             except OSError as err:
                 if err.errno in (errno.EEXIST, errno.ENOTEMPTY):
                     continue
                 raise
-            _fsync_folder(versions_path)
+            fsync_folder(versions_path)
             return number
         raise UserError(f"could not allocate a version number in {versions} after {_MAX_NUMBER_ATTEMPTS} tries")
     except BaseException:
@@ -359,35 +354,3 @@ def _precondition_failed(err: OSError) -> bool:
 
 def _numbered(created: ModelVersion, number: int) -> ModelVersion:
     return created.model_copy(update={"version": number})
-
-
-def _write_synced(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_folder(path: str) -> None:
-    """Make a rename or a new file in `path` durable (it survives a power cut, not only a kill)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace_atomically(path: str, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old or the new content, never a mixture, even after a kill."""
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    # same folder, so os.replace is a rename within one filesystem; a kill leaves at most this hidden temp file
-    temporary = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    try:
-        _write_synced(temporary, data)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(temporary)
-        raise
-    _fsync_folder(folder)

@@ -19,9 +19,10 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import fsspec
 import pyarrow.fs
@@ -245,3 +246,60 @@ def check_writable(location: str, storage: StorageConfig | None = None) -> None:
         with fs.open(marker, "wb") as f:
             f.write(b"ok")
         fs.rm(marker)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# writing whole or not at all
+
+
+@contextlib.contextmanager
+def open_atomic(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[BinaryIO]:
+    """A file whose content replaces `path` when the block ends without error: readers see the old content or the new,
+    never a part, and a kill -9 on the way leaves the old. Locally a hidden temporary file beside `path`, fsynced,
+    renamed over it and the rename fsynced (it survives a power cut too); a kill leaves that file, which
+    `remove_temporaries` clears. To S3 a local temporary file sent in one upload (multipart when large) at the end.
+    Either way memory never holds the whole content."""
+    if "file" not in fs.protocol:  # S3: an object appears whole when its upload completes
+        with tempfile.NamedTemporaryFile(prefix="clipforge-") as file:
+            yield file
+            file.flush()
+            fs.put_file(file.name, path)
+        return
+    folder, name = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    # same folder, so the rename stays within one filesystem; concurrent writers each have their own temporary file
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
+        raise
+    fsync_folder(folder)
+
+
+def write_atomically(location: str, data: bytes, storage: StorageConfig | None = None) -> None:
+    """Write `data` to `location` (see `open_atomic`), a storage failure as a one-line `UserError`."""
+    fs, path = filesystem(location, storage)
+    with storage_errors(location, storage), open_atomic(fs, path) as file:
+        file.write(data)
+
+
+def remove_temporaries(fs: fsspec.AbstractFileSystem, folder: str) -> None:
+    """Delete what killed `open_atomic` writes left in the local `folder`; only for a folder one job owns."""
+    if "file" in fs.protocol and os.path.isdir(folder):
+        for leftover in Path(folder).glob(".*.tmp"):
+            leftover.unlink(missing_ok=True)
+
+
+def fsync_folder(path: str) -> None:
+    """Make a rename or a new file in the local folder `path` durable: it survives a power cut, not only a kill."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

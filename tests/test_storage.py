@@ -130,6 +130,38 @@ def test_s3_round_trip_through_filesystem(s3_env: str) -> None:
     assert fs.ls(f"{path}/shards") == [f"{path}/shards/00000.tar"]  # listing is never stale (no cache)
 
 
+def _write_then_fail(location: str) -> None:
+    """Write b"old" at `location`, then fail half way through replacing it: b"old" stays."""
+    storage.write_atomically(location, b"old")
+    fs, path = storage.filesystem(location)
+    with pytest.raises(RuntimeError), storage.open_atomic(fs, path) as file:
+        file.write(b"half of the new content")
+        raise RuntimeError("killed half way")
+    assert fs.cat_file(path) == b"old"
+
+
+def test_an_atomic_write_is_whole_or_absent_locally_and_a_killed_ones_leftover_is_cleared(tmp_path) -> None:
+    _write_then_fail(str(tmp_path / "state.json"))
+    assert os.listdir(tmp_path) == ["state.json"]  # a failed write takes its temporary file with it
+    killed = subprocess.run([sys.executable, "-c", (  # a kill -9 between writing and renaming
+        "import os, signal; from pipeline import storage\n"
+        f"fs, path = storage.filesystem({str(tmp_path / 'state.json')!r})\n"
+        "with storage.open_atomic(fs, path) as f:\n"
+        "    f.write(b'new'); f.flush(); os.kill(os.getpid(), signal.SIGKILL)")], timeout=60)
+    assert killed.returncode == -9
+    assert (tmp_path / "state.json").read_bytes() == b"old"
+    assert len(list(tmp_path.glob(".state.json.*.tmp"))) == 1
+    storage.remove_temporaries(*storage.filesystem(str(tmp_path)))
+    assert os.listdir(tmp_path) == ["state.json"]
+
+
+@pytest.mark.slow
+def test_an_atomic_write_to_s3_is_whole_or_absent(s3_env: str) -> None:
+    _write_then_fail(f"{s3_env}/state.json")
+    fs, path = storage.filesystem(s3_env)
+    assert fs.ls(path) == [f"{path}/state.json"]
+
+
 @pytest.mark.slow
 def test_s3_parquet_through_pyarrow_filesystem(s3_env: str) -> None:
     fs, path = storage.pyarrow_filesystem(s3_env)
