@@ -30,11 +30,10 @@ from flows.ingest_flow import ingest_flow
 from flows.params import (BrandSettings, ClipTrainRegistry, EvaluationSettings, FilterSettings, IngestParams,
                           TrainSettings, demo_settings, retry_options, settings_dump, with_defaults)
 from flows.train_flow import train_flow
-from pipeline import storage
 from pipeline.errors import UserError
 from pipeline.ingest import IngestConfig
 from pipeline.registry import ModelVersion, promote, promoted, register_model
-from pipeline.storage import StorageConfig
+from pipeline.storage import StorageConfig, absolute, is_remote, join, write_atomically
 from evaluation.brand import BrandBuildConfig, BrandScoreConfig
 from evaluation.evaluate import EvaluateConfig
 from training.train import TrainConfig
@@ -61,9 +60,9 @@ def promote_task(registry: str, name: str, version: int, reason: str,
 
 def location_link(location: str) -> str:
     """Markdown for a location: a clickable file:// link for local paths, the s3:// URI as code otherwise."""
-    if storage.is_remote(location):
+    if is_remote(location):
         return f"`{location}`"
-    path = storage.absolute(location)
+    path = absolute(location)
     return f"[`{path}`](file://{path})"
 
 
@@ -131,11 +130,14 @@ def clip_train(
     evaluation: EvaluationSettings = EvaluationSettings(),  # type: ignore[valid-type]
     brand: BrandSettings = BrandSettings(),
     registry: ClipTrainRegistry = ClipTrainRegistry(),
+    storage: StorageConfig = StorageConfig(),
 ) -> ModelVersion:
     """Ingest the train and val URL lists, filter the train set, train on Ray, evaluate on val, score brand alignment, register the model.
 
     With no URL lists, the main job on the embedded defaults (what `clipforge demo` runs): the bundled catalog(s)
-    (`ingest.catalog`) served over loopback, with the demo's settings for every field not given."""
+    (`ingest.catalog`) served over loopback, with the demo's settings for every field not given. Every step reaches
+    object storage (any `s3://` location) through `storage`; fields left empty come from the AWS variables and
+    profiles of the process that runs the step."""
     logger, phases = get_run_logger(), PhaseTimes()
     use_catalog = ingest.train_urls is None
     if use_catalog != (ingest.val_urls is None):
@@ -149,38 +151,39 @@ def clip_train(
         ingest_settings = settings_dump(ingest, exclude=("train_urls", "val_urls", "output", "catalog_dir",
                                                          "catalog"))
         datasets = {
-            split: ingest_flow(IngestConfig(urls=urls, output=storage.join(ingest.output, split), **ingest_settings))
+            split: ingest_flow(IngestConfig(urls=urls, output=join(ingest.output, split), storage=storage,
+                                            **ingest_settings))
             for split, urls in (("train", ingest.train_urls), ("val", ingest.val_urls))
         }
     filtered = None
     if filtering.enabled:
         with phases("filter"):
             datasets["train"] = filtered = filter_train_set(filtering, datasets["train"].location,
-                                                            storage.join(ingest.output, "train-filtered"),
-                                                            [datasets["val"].location])
-    train_config = TrainConfig(data=datasets["train"].location, **settings_dump(train))
+                                                            join(ingest.output, "train-filtered"),
+                                                            [datasets["val"].location], storage)
+    train_config = TrainConfig(data=datasets["train"].location, storage=storage, **settings_dump(train))
     with phases("train"):
         result = train_flow(train_config)
 
-    run_output = storage.absolute(train_config.output)
+    run_output = absolute(train_config.output)
     eval_config = EvaluateConfig(model=result.model, data=datasets["val"].location,
-                                 output=storage.join(run_output, "eval"), **settings_dump(evaluation))
+                                 output=join(run_output, "eval"), storage=storage, **settings_dump(evaluation))
     with phases("evaluate"):
         metrics = evaluate_flow(eval_config)
 
     brand_summary = None
     if brand.enabled:
-        profile = storage.join(run_output, "brand", "profile")
+        profile = join(run_output, "brand", "profile")
         with phases("brand"):
             brand_summary = brand_score_flow(
                 score=BrandScoreConfig(profile=profile, images=brand.images or datasets["val"].location,
-                                       output=storage.join(run_output, "brand", "scores"), model=result.model,
-                                       storage=train.storage),
+                                       output=join(run_output, "brand", "scores"), model=result.model,
+                                       storage=storage),
                 build=BrandBuildConfig(model=result.model, images=datasets["train"].location, output=profile,
                                        references=brand.references,
                                        target_false_accept_rate=brand.target_false_accept_rate,
                                        holdout_fraction=brand.holdout_fraction, min_images=brand.min_images,
-                                       storage=train.storage),
+                                       storage=storage),
             )
 
     with phases("register"):
@@ -190,11 +193,11 @@ def clip_train(
                     "evaluation": _config_json(eval_config), "runtime": result.runtime},
             metrics={**headline_metrics(metrics), **{f"train.{k}": v for k, v in result.metrics.items()
                                                      if isinstance(v, int | float) and not isinstance(v, bool)}},
-            dataset=[d.location for d in datasets.values()], parent=None, storage_config=train.storage)
-    current = promoted(registry.location, registry.model_name, train.storage)
+            dataset=[d.location for d in datasets.values()], parent=None, storage_config=storage)
+    current = promoted(registry.location, registry.model_name, storage)
     if registry.promote == "always" or (registry.promote == "first" and current is None):
         reason = "first version of the model" if current is None else "clip-train with promote=always"
-        promote_task(registry.location, registry.model_name, version.version, reason, train.storage)
+        promote_task(registry.location, registry.model_name, version.version, reason, storage)
         promotion_note = f"promoted {version.ref}: {reason}"
     else:
         promotion_note = (f"not promoted (promote={registry.promote}); the promoted version stays "
@@ -202,8 +205,7 @@ def clip_train(
     logger.info(promotion_note)
 
     logger.info("phase times: %s", phases.line())
-    fs, path = storage.filesystem(storage.join(run_output, "phases.json"), train.storage)
-    fs.pipe_file(path, json.dumps(phases).encode())
+    write_atomically(join(run_output, "phases.json"), json.dumps(phases).encode(), storage)
     rows = metric_rows(metrics)
     create_table_artifact(rows, key="clip-train-metrics", description=f"Evaluation of {version.ref} on the val set")
     create_markdown_artifact(
@@ -217,7 +219,7 @@ def filter_line(filtered: Any) -> str:
     """The report's line on the filter step: where its report is, what it kept and removed."""
     summary = filtered.summary
     removed = ", ".join(f"{reason} {count}" for reason, count in summary.failures.items()) or "none"
-    return (f"- filter report: {location_link(storage.join(filtered.location, 'report.html'))} "
+    return (f"- filter report: {location_link(join(filtered.location, 'report.html'))} "
             f"(kept {summary.successes} of {summary.input_rows}; removed: {removed})")
 
 
@@ -232,13 +234,13 @@ def report_markdown(version: ModelVersion, result: Any, datasets: dict[str, Any]
              f"- exported checkpoint: {location_link(result.model)}",
              f"- training run (checkpoints, metrics.jsonl, tensorboard): {location_link(run_output)}"]
     for split, manifest in datasets.items():
-        lines.append(f"- {split} dataset manifest: {location_link(storage.join(manifest.location, 'manifest.parquet'))}"
+        lines.append(f"- {split} dataset manifest: {location_link(join(manifest.location, 'manifest.parquet'))}"
                      f" ({manifest.summary.successes} samples, {manifest.summary.success_rate:.1%} of the list)")
     if filtered is not None:
         lines.append(filter_line(filtered))
-    lines.append(f"- evaluation report: {location_link(storage.join(eval_config.output, 'report.html'))}")
+    lines.append(f"- evaluation report: {location_link(join(eval_config.output, 'report.html'))}")
     if brand_summary is not None:
-        lines += [f"- brand scores report: {location_link(storage.join(run_output, 'brand', 'scores', 'report.html'))}",
+        lines += [f"- brand scores report: {location_link(join(run_output, 'brand', 'scores', 'report.html'))}",
                   "", "## Brand scoring", "",
                   f"{brand_summary['on-brand']} on-brand, {brand_summary['off-brand']} off-brand, "
                   f"{brand_summary['error']} unreadable of {brand_summary['images']} "

@@ -44,17 +44,19 @@ def filter_flow(config: FilterConfig) -> Manifest:
     return manifest
 
 
-def filter_train_set(settings: FilterSettings, data: str, output: str, evaluation_sets: Iterable[str]) -> Manifest:
+def filter_train_set(settings: FilterSettings, data: str, output: str, evaluation_sets: Iterable[str],
+                     storage_config: storage.StorageConfig = storage.StorageConfig()) -> Manifest:
     """The filter step of a training flow: `settings` applied to the ingested `data`, the flow's evaluation sets
     among those decontaminated against (an embedding table holds no images to compare, so it is left out). A filter
     that keeps nothing is a `UserError`: there is nothing to train on."""
     references = list(settings.decontaminate)
     for location in evaluation_sets:
-        if location.lower().endswith(".parquet") and is_embedding_table(location, settings.storage):
+        if location.lower().endswith(".parquet") and is_embedding_table(location, storage_config):
             get_run_logger().warning("not decontaminating against %s: an embedding table holds no images", location)
         else:
             references.append(location)
     manifest = filter_flow(FilterConfig(data=data, output=output, decontaminate=tuple(dict.fromkeys(references)),
+                                        storage=storage_config,
                                         **settings_dump(settings, exclude=("enabled", "decontaminate"))))
     if manifest.summary.successes == 0:
         raise UserError(f"the filter kept none of the {manifest.summary.input_rows} samples of {data} (removed: "

@@ -44,12 +44,11 @@ from flows.ingest_flow import ingest_flow
 from flows.params import (EvaluationSettings, FilterSettings, FinetuneSettings, IngestSettings, RegistrySettings,
                           retry_options, settings_dump)
 from flows.train_flow import train_flow
-from pipeline import storage
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.ingest import IngestConfig, json_safe, read_url_list
 from pipeline.registry import ModelVersion, promoted
-from pipeline.storage import StorageConfig
+from pipeline.storage import StorageConfig, absolute, filesystem, join, storage_errors, write_atomically
 from evaluation.evaluate import EvaluateConfig
 from training.train import TrainConfig
 from training.wiseft import GridPoint, WiseChoice, choose_mixing_weight, grid_plot, write_grid
@@ -114,8 +113,8 @@ class NightlyState(BaseModel):
 
 
 def read_state(location: str, config: StorageConfig | None = None) -> NightlyState:
-    fs, path = storage.filesystem(location, config)
-    with storage.storage_errors(location, config):
+    fs, path = filesystem(location, config)
+    with storage_errors(location, config):
         try:
             data = fs.cat_file(path)
         except FileNotFoundError:
@@ -124,7 +123,7 @@ def read_state(location: str, config: StorageConfig | None = None) -> NightlySta
 
 
 def write_state(location: str, state: NightlyState, config: StorageConfig | None = None) -> None:
-    storage.write_atomically(location, state.model_dump_json(indent=2).encode(), config)
+    write_atomically(location, state.model_dump_json(indent=2).encode(), config)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -133,9 +132,9 @@ def write_state(location: str, state: NightlyState, config: StorageConfig | None
 
 def list_url_lists(incoming: str, config: StorageConfig | None = None) -> list[str]:
     """Names (relative to `incoming`, sorted) of every URL list under it; [] when it does not exist."""
-    fs, root = storage.filesystem(incoming, config)
+    fs, root = filesystem(incoming, config)
     root = root.rstrip("/")
-    with storage.storage_errors(incoming, config):
+    with storage_errors(incoming, config):
         try:
             found = fs.find(root)
         except FileNotFoundError:
@@ -166,7 +165,7 @@ def combine_url_lists(locations: list[str], output: str, config: StorageConfig |
         raise UserError(f"the new URL lists have incompatible columns: {err}") from None
     buffer = io.BytesIO()
     pq.write_table(combined, buffer)
-    storage.write_atomically(output, buffer.getvalue(), config)
+    write_atomically(output, buffer.getvalue(), config)
     return output
 
 
@@ -238,42 +237,43 @@ def nightly_finetune(
     filtering: FilterSettings = FilterSettings(),  # type: ignore[valid-type]
     evaluation: EvaluationSettings = EvaluationSettings(),  # type: ignore[valid-type]
     registry: RegistrySettings = RegistrySettings(),
+    storage: StorageConfig = StorageConfig(),
 ) -> Any:
-    """Fine-tune the promoted model on newly arrived URL lists; promote the result unless the metric falls."""
+    """Fine-tune the promoted model on newly arrived URL lists; promote the result unless the metric falls. Every
+    step reaches object storage through `storage` (empty fields: the AWS variables and profiles of its process)."""
     logger = get_run_logger()
-    store = train.storage
-    state_location = nightly.state or storage.join(registry.location, registry.model_name, "nightly-state.json")
-    state = read_state_task(state_location, store)
-    new = find_new_lists(nightly.incoming, state, store)
+    state_location = nightly.state or join(registry.location, registry.model_name, "nightly-state.json")
+    state = read_state_task(state_location, storage)
+    new = find_new_lists(nightly.incoming, state, storage)
     if not new:
         since = state.last_run.isoformat(timespec="seconds") if state.last_run else "ever"
         message = f"nothing to do: no new URL lists under {nightly.incoming} since {since}"
         create_markdown_artifact(f"# nightly-finetune\n\n{message}.\n", key="nightly-report", description=message)
         return Completed(message=message)
 
-    parent = promoted_task(registry.location, registry.model_name, store)
+    parent = promoted_task(registry.location, registry.model_name, storage)
     batch = batch_name(new)
-    batch_root = storage.join(nightly.data_root, batch)
-    urls = combine_task([storage.join(nightly.incoming, n) for n in new], storage.join(batch_root, "urls.parquet"),
-                        store)
-    dataset = ingest_flow(IngestConfig(urls=urls, output=storage.join(batch_root, "shards"), **settings_dump(ingest)))
+    batch_root = join(nightly.data_root, batch)
+    urls = combine_task([join(nightly.incoming, n) for n in new], join(batch_root, "urls.parquet"), storage)
+    dataset = ingest_flow(IngestConfig(urls=urls, output=join(batch_root, "shards"), storage=storage,
+                                       **settings_dump(ingest)))
     filtered = None
     if filtering.enabled:
-        dataset = filtered = filter_train_set(filtering, dataset.location, storage.join(batch_root, "shards-filtered"),
-                                              [nightly.validation, *filter(None, [nightly.domain_validation])])
+        dataset = filtered = filter_train_set(filtering, dataset.location, join(batch_root, "shards-filtered"),
+                                              [nightly.validation, *filter(None, [nightly.domain_validation])], storage)
 
-    run_output = storage.join(storage.absolute(train.output), batch)
+    run_output = join(absolute(train.output), batch)
     train_config = TrainConfig(**{**settings_dump(train), "output": run_output}, data=dataset.location,
-                               init_from=parent.location)
+                               init_from=parent.location, storage=storage)
     result = train_flow(train_config)
 
     def evaluate(model: str, name: str, data: str = nightly.validation) -> dict[str, Any]:
-        return evaluate_flow(EvaluateConfig(model=model, data=data, output=storage.join(run_output, name),
+        return evaluate_flow(EvaluateConfig(model=model, data=data, output=join(run_output, name), storage=storage,
                                             **settings_dump(evaluation)))
 
     wise: WiseFtResult | None = None
     if nightly.domain_validation:  # WiSE-FT: choose a mix of the promoted and the fine-tuned weights
-        wise = wise_ft(parent.location, result.model, nightly, evaluate, run_output, store)
+        wise = wise_ft(parent.location, result.model, nightly, evaluate, run_output, storage)
         candidate, candidate_metrics, baseline_metrics = wise.choice.chosen.model, wise.chosen_metrics, wise.start_metrics
         promote, reason = wise.choice.promote, wise.choice.reason
     else:
@@ -290,13 +290,13 @@ def nightly_finetune(
         config={"nightly": nightly.model_dump(mode="json"), "train": train_config.model_dump(mode="json"),
                 "lists": new},
         metrics={**headline_metrics(candidate_metrics), "validation": nightly.validation, **domain_metrics},
-        dataset=[dataset.location], parent=parent.ref, storage_config=store,
+        dataset=[dataset.location], parent=parent.ref, storage_config=storage,
         mixing_weight=None if wise is None else wise.choice.chosen.mixing_weight)
     if promote:
-        promote_task(registry.location, registry.model_name, version.version, reason, store)
+        promote_task(registry.location, registry.model_name, version.version, reason, storage)
     logger.info("%s %s: %s", "promoted" if promote else "did not promote", version.ref, reason)
     write_state_task(state_location, NightlyState(processed=sorted({*state.processed, *new}),
-                                                  last_run=datetime.now(UTC), last_version=version.version), store)
+                                                  last_run=datetime.now(UTC), last_version=version.version), storage)
 
     rows = [{"metric": r["metric"], "candidate": r["value"],
              "promoted": _rounded(metric_value(baseline_metrics, r["metric"])), "chance": r["chance"],
@@ -341,7 +341,7 @@ def wise_ft(start: str, tuned: str, nightly: NightlyParams, evaluate, run_output
             store: StorageConfig | None) -> WiseFtResult:
     """Mix, evaluate every mix on both sets, choose; the plot goes to <run_output>/wise-ft.png."""
     domain_metric = nightly.domain_metric or nightly.metric
-    models = wise_grid_task(start, tuned, nightly.mixing_weights, storage.join(run_output, "wise-ft"), store)
+    models = wise_grid_task(start, tuned, nightly.mixing_weights, join(run_output, "wise-ft"), store)
     guardrail_metrics = {w: evaluate(m, f"wise-ft/eval-guardrail-{w:.2f}") for w, m in models.items()}
     domain_metrics = {w: evaluate(m, f"wise-ft/eval-domain-{w:.2f}", nightly.domain_validation)
                       for w, m in models.items()}
@@ -352,8 +352,8 @@ def wise_ft(start: str, tuned: str, nightly: NightlyParams, evaluate, run_output
         promotion_decision(domain_metric, point.domain, None, 0)
     choice = choose_mixing_weight(points, nightly.tolerance, domain_metric, nightly.metric)
     png = grid_plot(points, choice, domain_metric, nightly.metric, nightly.tolerance)
-    plot = storage.join(run_output, "wise-ft.png")
-    storage.write_atomically(plot, png, store)
+    plot = join(run_output, "wise-ft.png")
+    write_atomically(plot, png, store)
     get_run_logger().info("WiSE-FT grid: %s; %s", ", ".join(
         f"{p.mixing_weight:g}: domain {p.domain:.4f} guardrail {p.guardrail:.4f}" for p in points), choice.reason)
     return WiseFtResult(points=points, choice=choice, domain_metric=domain_metric, plot=plot, plot_png=png,
@@ -386,11 +386,11 @@ def nightly_markdown(version: ModelVersion, parent: ModelVersion, promote: bool,
     lines = ["# nightly-finetune", "", verdict, "", f"Why: {reason}.", "", "## Candidate on the validation set", "",
              metrics_markdown(rows), "", "## Inputs and outputs", "",
              f"- new URL lists: {', '.join(f'`{n}`' for n in lists)}",
-             f"- dataset manifest: {location_link(storage.join(dataset.location, 'manifest.parquet'))} "
+             f"- dataset manifest: {location_link(join(dataset.location, 'manifest.parquet'))} "
              f"({dataset.summary.successes} samples)",
              *([filter_line(filtered)] if filtered is not None else []),
              f"- fine-tuned checkpoint: {location_link(model)}",
              f"- registered version: {location_link(version.location)}",
-             f"- evaluation reports: {location_link(storage.join(run_output, 'eval-candidate', 'report.html'))}, "
-             f"{location_link(storage.join(run_output, 'eval-promoted', 'report.html'))}"]
+             f"- evaluation reports: {location_link(join(run_output, 'eval-candidate', 'report.html'))}, "
+             f"{location_link(join(run_output, 'eval-promoted', 'report.html'))}"]
     return "\n".join(lines) + "\n"

@@ -3,7 +3,8 @@ the progress artifacts that show long steps moving.
 
 The composed flows (`clip-train`, `nightly-finetune`) take the jobs' own configs minus the fields the flow fills in
 itself: `IngestConfig` without `urls`/`output` (the flow ingests a train and a val list), `TrainConfig` without
-`data` (the flow passes the ingested train set), `EvaluateConfig` without `model`/`data`/`output`. These settings
+`data` (the flow passes the ingested train set), `EvaluateConfig` without `model`/`data`/`output`; none of them
+carries `storage`, which the flow takes once and hands to every step (one endpoint, one set of keys). These settings
 models are derived from the configs with `derive`, so every field keeps its type, bounds and description and there
 is one source of truth: a field added to `TrainConfig` appears in the run form without touching this module.
 """
@@ -59,7 +60,7 @@ def settings_dump(settings: Config, exclude: tuple[str, ...] = ()) -> dict[str, 
 
 IngestSettings = derive(
     "IngestSettings", "How URL lists are downloaded, filtered and resized (the fields of `clipforge ingest`).",
-    IngestConfig, drop=("urls", "output"))
+    IngestConfig, drop=("urls", "output", "storage"))
 
 # With no URL lists, `clip-train` runs the main job on the embedded defaults, exactly as `clipforge demo` does: the
 # bundled catalog, with these settings for every field the caller did not give (`with_defaults`).
@@ -93,7 +94,7 @@ def with_defaults(settings: Config, defaults: dict[str, Any]) -> Config:
 IngestParams = derive(
     "IngestParams", "The train and validation URL lists and how they are ingested into WebDataset shards. Without "
     "URL lists, the bundled OpenMoji catalog is rendered and served over loopback HTTP for the run.",
-    IngestConfig, drop=("urls", "output"),
+    IngestConfig, drop=("urls", "output", "storage"),
     train_urls=(str | None, _described(None, "Training URL list: .csv, .tsv, .parquet or .jsonl, local or s3://, "
                                        "with a URL and a caption column. Empty: the bundled OpenMoji catalog's "
                                        "train split, served over loopback HTTP.")),
@@ -111,17 +112,19 @@ IngestParams = derive(
 
 TrainSettings = derive(
     "TrainSettings", "Model and optimisation of the training run (the fields of `clipforge train`, except `data`, "
-    "which is the ingested train set).", TrainConfig, drop=("data",))
+    "which is the ingested train set).", TrainConfig, drop=("data", "storage"))
 
 FinetuneSettings = derive(
     "FinetuneSettings", "The nightly fine-tune: its own schedule; it starts from the promoted model (init_from) and "
-    "trains on the new data. Each night's run writes under <output>/<batch>.", TrainConfig, drop=("data", "init_from"),
+    "trains on the new data. Each night's run writes under <output>/<batch>.", TrainConfig,
+    drop=("data", "init_from", "storage"),
     defaults={"output": ".clipforge/runs/nightly", "lr": 1e-4, "steps": 100, "warmup_steps": 10})
 
 FilterSettings = derive(
     "FilterSettings", "Filtering of the ingested training set before training (the fields of `clipforge filter`, "
     "except data and output, which the flow fills in). The validation set is always among the sets decontaminated "
-    "against: a training image that copies a validation image is removed.", FilterConfig, drop=("data", "output"),
+    "against: a training image that copies a validation image is removed.", FilterConfig,
+    drop=("data", "output", "storage"),
     defaults={"duplicate_hash_distance": 0},
     enabled=(bool, _described(True, "Filter the training set (basic rules: caption length, exact-copy images with "
                               "the same caption, copies of validation images). Off: train on the ingested set.")),
@@ -130,7 +133,7 @@ FilterSettings = derive(
 EvaluationSettings = derive(
     "EvaluationSettings", "Zero-shot classification and retrieval on the validation set (the fields of "
     "`clipforge evaluate`, except model, data and output, which the flow fills in).", EvaluateConfig,
-    drop=("model", "data", "output"))
+    drop=("model", "data", "output", "storage"))
 
 
 class BrandSettings(Config):

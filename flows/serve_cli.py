@@ -30,7 +30,8 @@ def _configured_api_url() -> str | None:
               help="Timezone of the nightly schedule (IANA name, e.g. Europe/Paris).")
 @click.option("--cron", default="0 2 * * *", show_default=True, help="Schedule of nightly-finetune/nightly.")
 @click.option("--nightly-config", type=click.Path(dir_okay=False, exists=True),
-              help="YAML file with the nightly run's parameters (nightly, train, ingest, evaluation, registry).")
+              help="YAML file with the nightly run's parameters (nightly, train, ingest, filtering, evaluation, "
+              "registry, storage).")
 @click.option("--prefect-home", default=".clipforge/prefect", show_default=True, type=click.Path(file_okay=False),
               help="Where the local Prefect server keeps its database, when PREFECT_API_URL is not set.")
 @click.option("--limit", type=int, default=None, help="Flow runs executed at the same time (default: no limit).")

@@ -72,17 +72,24 @@ def test_flow_parameter_schema_describes_every_field() -> None:
     from flows.nightly import nightly_finetune
 
     schema = parameter_schema(clip_train).model_dump()
-    assert list(schema["properties"]) == ["ingest", "train", "filtering", "evaluation", "brand", "registry"]
+    assert list(schema["properties"]) == ["ingest", "train", "filtering", "evaluation", "brand", "registry",
+                                          "storage"]
     assert not schema.get("required")  # no parameters: the main job on the embedded defaults
     definitions = schema["definitions"]
     for model in ("IngestParams", "TrainSettings", "FilterSettings", "EvaluationSettings", "BrandSettings",
-                  "ClipTrainRegistry"):
+                  "ClipTrainRegistry", "StorageConfig"):
         properties = definitions[model]["properties"]
         missing = [name for name, field in properties.items() if not field.get("description")]
         assert not missing, f"{model} fields without description: {missing}"
         assert definitions[model]["additionalProperties"] is False
+        # storage is one flow parameter that every step uses, not a setting of each step
+        assert model == "StorageConfig" or "storage" not in properties, model
+    secret = definitions["StorageConfig"]["properties"]["secret_access_key"]["anyOf"][0]
+    assert secret["format"] == "password" and secret["writeOnly"]  # the run form masks it
     nightly = parameter_schema(nightly_finetune).model_dump()
     assert not nightly.get("required")  # a scheduled run needs no parameters
+    assert "storage" in nightly["properties"]
+    assert not [m for m, d in nightly["definitions"].items() if m != "StorageConfig" and "storage" in d["properties"]]
 
 
 def test_retries_skip_user_errors() -> None:
@@ -143,6 +150,35 @@ def test_state_round_trip_and_atomic_replace(tmp_path: Path) -> None:
     assert read_state(location).processed == ["a.parquet", "b.csv"]
     assert os.listdir(tmp_path / "registry" / "clip") == ["nightly-state.json"]  # no temporary left behind
 
+
+
+@pytest.mark.slow
+def test_nightly_bookkeeping_on_object_storage(s3_env: str) -> None:
+    """What the nightly flow itself reads and writes (its steps are tested on S3 on their own): new lists found under
+    an S3 prefix, combined there, and its state replaced there."""
+    from pipeline import storage
+
+    fs, prefix = storage.filesystem(s3_env)
+    buffer = pa.BufferOutputStream()
+    pq.write_table(pa.table({"url": ["http://a/1.png"], "caption": ["one"]}), buffer)
+    fs.pipe_file(f"{prefix}/incoming/2026/05/a.parquet", buffer.getvalue().to_pybytes())
+    fs.pipe_file(f"{prefix}/incoming/b.csv", b"url,caption\nhttp://a/2.png,two\n")
+    fs.pipe_file(f"{prefix}/incoming/_clipforge/x.parquet", b"ours")
+    incoming = f"{s3_env}/incoming"
+    assert list_url_lists(incoming) == ["2026/05/a.parquet", "b.csv"]
+    assert list_url_lists(f"{s3_env}/absent") == []
+    combined = combine_url_lists([f"{incoming}/{name}" for name in list_url_lists(incoming)],
+                                 f"{s3_env}/batch/urls.parquet")
+    with fs.open(f"{prefix}/batch/urls.parquet", "rb") as f:
+        assert pq.read_table(f).column("caption").to_pylist() == ["one", "two"]
+    assert combined == f"{s3_env}/batch/urls.parquet"
+
+    state = f"{s3_env}/registry/clip/nightly-state.json"
+    assert read_state(state) == NightlyState()
+    write_state(state, NightlyState(processed=["2026/05/a.parquet"], last_version=2))
+    write_state(state, NightlyState(processed=["2026/05/a.parquet", "b.csv"], last_version=3))
+    assert read_state(state).processed == ["2026/05/a.parquet", "b.csv"] and read_state(state).last_version == 3
+    assert fs.ls(f"{prefix}/registry/clip") == [f"{prefix}/registry/clip/nightly-state.json"]
 
 # --- SIGKILL while promoting and saving state -----------------------------------------------------------------
 

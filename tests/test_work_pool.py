@@ -1,9 +1,10 @@
 """The deployments of `prefect.yaml` on a process work pool, as production runs them: `prefect work-pool create`,
 `prefect deploy --all`, `prefect worker start`, then `prefect deployment run clip-train/clip-train` to Completed
-through the worker (not through `serve`), its data, run and registry on object storage (SeaweedFS, the keys in the
-worker's environment). Commands run as a user types them, against the multi-user form of the Prefect server: its
-database on PostgreSQL (infra/postgres.py) and API authentication on, which refuses a client without the auth
-string. (The SQLite form runs the same flow through `serve` on local folders in tests/test_deployments.py.)
+through the worker (not through `serve`), its data, run and registry on object storage (SeaweedFS: its endpoint in the
+flow's one `storage` parameter, the keys in the worker's environment). Commands run as a user types them, against the
+multi-user form of the Prefect server: its database on PostgreSQL (infra/postgres.py) and API authentication on,
+which refuses a client without the auth string. (The SQLite form runs the same flow through `serve` on local folders
+in tests/test_deployments.py.)
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def stop_worker(worker: subprocess.Popen) -> None:
 
 def deploy_and_run_through_a_worker(api_env: dict[str, str], root: Path, location: str) -> None:
     """The whole work-pool path against the server `api_env` points at: pool, deploy, worker, a run to Completed that
-    writes everything under `location` (an S3 prefix the environment's AWS variables reach) and nothing in `root`."""
+    writes everything under `location` (an S3 prefix) and nothing in `root`. The worker's environment has the keys
+    but not the endpoint: each step must reach it through the run's `storage` parameter alone."""
     from pipeline import storage
     from pipeline.catalog import build_openmoji_catalog, serve_directory, write_url_list
     from pipeline.manifest import read_manifest
@@ -77,8 +79,10 @@ def deploy_and_run_through_a_worker(api_env: dict[str, str], root: Path, locatio
     with serve_directory(catalog) as base_url, open(worker_log, "wb") as log:
         lists = {split: write_url_list(catalog, base_url, split, root / f"{split}.parquet")
                  for split in ("train", "val")}
+        endpoint = {name: env[name] for name in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")}
+        worker_env = {k: v for k, v in env.items() if k not in endpoint}
         worker = subprocess.Popen([str(Path(sys.executable).with_name("prefect")), "worker", "start", "--pool", POOL,
-                                   "--limit", "1"], env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT,
+                                   "--limit", "1"], env=worker_env, cwd=root, stdout=log, stderr=subprocess.STDOUT,
                                   stdin=subprocess.DEVNULL, start_new_session=True)
         try:
             parameters = {
@@ -89,6 +93,7 @@ def deploy_and_run_through_a_worker(api_env: dict[str, str], root: Path, locatio
                           "log_every": 2, "loader_workers": 1, "num_workers": 1, "output": storage.join(location, "run")},
                 "evaluation": {"label_field": "group", "templates": "emoji", "batch_size": 64},
                 "registry": {"location": storage.join(location, "registry"), "model_name": "pool"},
+                "storage": {"endpoint_url": endpoint["AWS_ENDPOINT_URL"], "region": endpoint["AWS_DEFAULT_REGION"]},
             }
             run = prefect("deployment", "run", "clip-train/clip-train", "--params", json.dumps(parameters), env=env)
             assert run.returncode == 0, run.stdout + run.stderr
