@@ -92,7 +92,7 @@ def run_flow() -> None:
         version = clip_train(ingest=IngestParams(**parameters["ingest"]), train=TrainSettings(**parameters["train"]),
                              evaluation=EvaluationSettings(**parameters["evaluation"]),
                              registry=ClipTrainRegistry(**parameters["registry"]))
-    except UserError as err:  # the flow run's log (above, and in the UI) has the traceback; the parent says why
+    except UserError as err:  # the flow run's log (above, and in the UI) says it too; the parent says it last
         Path(sys.argv[2]).write_text(json.dumps({"error": str(err)}))
         sys.exit(2)
     result = DemoResult(model=version.location, version=version.ref,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
@@ -179,14 +180,31 @@ class ClipTrainRegistry(RegistrySettings):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Retries: transient failures (object storage, HTTP, a lost Ray worker) are retried with backoff; a `UserError`
-# (bad config, missing file, failed quality floor) fails once, with its one-line message.
+# Retries: transient failures (object storage, HTTP, a lost Ray worker) are retried with backoff; a user error
+# (bad config, missing file, failed quality floor) fails once, with its one-line message, and is logged in one line.
+
+USER_ERRORS = (UserError, ValidationError)
 
 
 def retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect `retry_condition_fn`: retry every failure except the ones the user must fix."""
     error = state.result(raise_on_failure=False)  # the exception, not raised again (its traceback stays clean)
-    return not isinstance(error, UserError | ValidationError)
+    return not isinstance(error, USER_ERRORS)
+
+
+class UserErrorsInOneLine(logging.Filter):
+    """Prefect logs a failed flow or task run with its traceback. For a user error the message says what to fix, and
+    a traceback into clipforge would bury it: the record keeps its message and loses the traceback. Every other
+    exception keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], USER_ERRORS):
+            record.exc_info = record.exc_text = None
+        return True
+
+
+for _run_logger in ("prefect.flow_runs", "prefect.task_runs"):  # the loggers of every flow and task run
+    logging.getLogger(_run_logger).addFilter(UserErrorsInOneLine())
 
 
 def retry_options(retries: int = 2, backoff_seconds: float = 10.0) -> dict[str, Any]:

@@ -252,6 +252,9 @@ def check_writable(location: str, storage: StorageConfig | None = None) -> None:
 # writing whole or not at all
 
 
+_TEMPORARY_MARK = "clipforge-"  # in the name of every temporary file `open_atomic` makes, and only there
+
+
 @contextlib.contextmanager
 def open_atomic(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[BinaryIO]:
     """A file whose content replaces `path` when the block ends without error: readers see the old content or the new,
@@ -260,7 +263,7 @@ def open_atomic(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[BinaryIO]:
     `remove_temporaries` clears. To S3 a local temporary file sent in one upload (multipart when large) at the end.
     Either way memory never holds the whole content."""
     if "file" not in fs.protocol:  # S3: an object appears whole when its upload completes
-        with tempfile.NamedTemporaryFile(prefix="clipforge-") as file:
+        with tempfile.NamedTemporaryFile(prefix=_TEMPORARY_MARK) as file:
             yield file
             file.flush()
             fs.put_file(file.name, path)
@@ -268,7 +271,7 @@ def open_atomic(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[BinaryIO]:
     folder, name = os.path.split(path)
     os.makedirs(folder, exist_ok=True)
     # same folder, so the rename stays within one filesystem; concurrent writers each have their own temporary file
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{name}.{_TEMPORARY_MARK}", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(descriptor, "wb") as file:
             yield file
@@ -292,7 +295,7 @@ def write_atomically(location: str, data: bytes, storage: StorageConfig | None =
 def remove_temporaries(fs: fsspec.AbstractFileSystem, folder: str) -> None:
     """Delete what killed `open_atomic` writes left in the local `folder`; only for a folder one job owns."""
     if "file" in fs.protocol and os.path.isdir(folder):
-        for leftover in Path(folder).glob(".*.tmp"):
+        for leftover in Path(folder).glob(f".*.{_TEMPORARY_MARK}*.tmp"):
             leftover.unlink(missing_ok=True)
 
 

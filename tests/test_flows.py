@@ -4,6 +4,7 @@ never leaves half-written (fast); nightly-finetune end to end against a real Pre
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import os
 import random
@@ -311,14 +312,37 @@ def test_transient_failures_are_retried_and_user_errors_are_not(nightly_env: dic
         calls["user"] += 1
         raise UserError("URL list x.parquet does not exist")
 
+    @task
+    def broken() -> None:
+        raise KeyError("a bug")
+
     @flow
     def steps() -> None:
         assert flaky_download() == "ok"
         misconfigured()
 
-    state = steps(return_state=True)
+    @flow
+    def buggy() -> None:
+        broken()
+
+    logged: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(logging.Formatter().format(record))  # with its traceback, if any
+    loggers = [logging.getLogger(name) for name in ("prefect.flow_runs", "prefect.task_runs")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        state = steps(return_state=True)
+        bug = buggy(return_state=True)
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
     assert state.is_failed() and "URL list x.parquet does not exist" in state.message
     assert calls == {"transient": 3, "user": 1}  # two retries, then success; the user error fails at once
+    # the user error is logged by the task and by the flow, each time in one line; a bug keeps its traceback
+    user_lines = [text for text in logged if "URL list x.parquet does not exist" in text]
+    assert len(user_lines) >= 2 and all("\n" not in text for text in user_lines), user_lines
+    assert bug.is_failed() and any("KeyError" in text and "Traceback" in text for text in logged)
 
 
 @pytest.mark.slow
@@ -400,3 +424,4 @@ def test_demo_with_the_catalog_port_taken_ends_with_the_reason_in_one_line(tmp_p
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: the clip-train flow run failed: cannot listen on 127.0.0.1:{CATALOG_PORT}"), last
     assert "another clipforge demo or clip-train run" in last
+    assert "Traceback" not in result.stdout + result.stderr  # the flow run's own log says it in one line too

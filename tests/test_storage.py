@@ -150,7 +150,7 @@ def test_an_atomic_write_is_whole_or_absent_locally_and_a_killed_ones_leftover_i
         "    f.write(b'new'); f.flush(); os.kill(os.getpid(), signal.SIGKILL)")], timeout=60)
     assert killed.returncode == -9
     assert (tmp_path / "state.json").read_bytes() == b"old"
-    assert len(list(tmp_path.glob(".state.json.*.tmp"))) == 1
+    assert len(list(tmp_path.glob(".state.json.clipforge-*.tmp"))) == 1
     storage.remove_temporaries(*storage.filesystem(str(tmp_path)))
     assert os.listdir(tmp_path) == ["state.json"]
 
