@@ -304,6 +304,7 @@ def _publish_local(
             # registration.json holds the number, so it is (re)written for each try; it is the last file written
             with open(os.path.join(staging, REGISTRATION_FILE), "wb") as f:
                 f.write(_registration_json(_numbered(created, number)))
+                f.flush()
                 os.fsync(f.fileno())
             fsync_folder(staging)
             try:

@@ -20,6 +20,7 @@ import contextlib
 import os
 import posixpath
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -270,10 +271,11 @@ def open_atomic(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[BinaryIO]:
         return
     folder, name = os.path.split(path)
     os.makedirs(folder, exist_ok=True)
-    # same folder, so the rename stays within one filesystem; concurrent writers each have their own temporary file
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{name}.{_TEMPORARY_MARK}", suffix=".tmp", dir=folder)
+    # same folder, so the rename stays within one filesystem; concurrent writers each have their own temporary file,
+    # created as any new file is (the umask's mode: mkstemp's 0600 would lock other readers out of the result)
+    temporary = os.path.join(folder, f".{name}.{_TEMPORARY_MARK}{uuid.uuid4().hex}.tmp")
     try:
-        with os.fdopen(descriptor, "wb") as file:
+        with open(temporary, "xb") as file:
             yield file
             file.flush()
             os.fsync(file.fileno())

@@ -18,7 +18,7 @@ import pytest
 from pipeline import registry as reg
 from pipeline.errors import UserError
 from pipeline.registry import get_version, list_versions, promote, promoted, promotion, register_model
-from pipeline.storage import filesystem, join
+from pipeline.storage import filesystem, join, open_atomic
 
 MODEL = "clip-tiny"
 
@@ -153,19 +153,18 @@ def test_concurrent_registrations_get_distinct_numbers(tmp_path: Path) -> None:
 # The children are forked from this process (modules already imported), so a kill lands within milliseconds of start.
 
 
-def _slow_write(path: str, data: bytes) -> None:
-    """`_write_synced` with a pause in the middle: a kill often lands between the two halves."""
-    with open(path, "wb") as f:
+def _slow_write(location: str, data: bytes, storage_config=None) -> None:
+    """`write_atomically` with a pause in the middle: a kill often lands between the two halves."""
+    fs, path = filesystem(location, storage_config)
+    with open_atomic(fs, path) as f:
         f.write(data[: len(data) // 2])
         f.flush()
         time.sleep(random.uniform(0, 0.004))
         f.write(data[len(data) // 2 :])
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _promote_forever(registry: str) -> None:
-    reg._write_synced = _slow_write
+    reg.write_atomically = _slow_write  # what `promote` writes its pointer with
     random.seed(os.getpid())
     while True:
         version = random.choice([1, 2, 3])

@@ -153,6 +153,10 @@ def test_an_atomic_write_is_whole_or_absent_locally_and_a_killed_ones_leftover_i
     assert len(list(tmp_path.glob(".state.json.clipforge-*.tmp"))) == 1
     storage.remove_temporaries(*storage.filesystem(str(tmp_path)))
     assert os.listdir(tmp_path) == ["state.json"]
+    plain = tmp_path / "other" / "plain"  # the result may be read by others as any new file may
+    plain.parent.mkdir()
+    plain.write_bytes(b"")
+    assert (tmp_path / "state.json").stat().st_mode == plain.stat().st_mode
 
 
 @pytest.mark.slow
