@@ -16,7 +16,6 @@ each catalog is served over loopback HTTP and ingested by `clipforge ingest`, on
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from bench.recipe import train_and_evaluate  # noqa: E402
+from bench.recipe import print_result, train_and_evaluate  # noqa: E402
 from pipeline.catalog import build_fluent_catalog, build_openmoji_catalog, read_catalog, serve_catalogs  # noqa: E402
 from pipeline.ingest import IngestConfig, ingest  # noqa: E402
 from pipeline.manifest import MANIFEST_NAME  # noqa: E402
@@ -112,13 +111,9 @@ def main() -> None:
                          caption_field="captions" if args.captions == "list" else None, seed=args.seed)
     seconds, metrics = train_and_evaluate(config, evaluations)
     results = {name: summary(m) for name, m in metrics.items()}
-    line = json.dumps({"label": args.label, "recipe": {k: v for k, v in vars(args).items()
-                                                       if k not in ("workdir", "results", "label")},
-                       "threads": torch.get_num_threads(), "train_seconds": round(seconds), **results})
-    print(line)
-    if args.results:
-        with open(args.results, "a", encoding="utf-8") as file:
-            file.write(line + "\n")
+    recipe = {k: v for k, v in vars(args).items() if k not in ("workdir", "results", "label")}
+    print_result({"label": args.label, "recipe": recipe, "threads": torch.get_num_threads(),
+                  "train_seconds": round(seconds), **results}, args.results)
 
 
 if __name__ == "__main__":

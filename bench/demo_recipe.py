@@ -9,7 +9,6 @@ evaluates on the sibling `val` shards as the demo does. This is how the demo's r
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from bench.recipe import train_and_evaluate  # noqa: E402
+from bench.recipe import print_result, train_and_evaluate  # noqa: E402
 from training import model as models  # noqa: E402
 from training.train import TrainConfig  # noqa: E402
 
@@ -41,9 +40,9 @@ def main() -> None:
                          warmup_steps=20, precision=args.precision, patch_dropout=args.patch_dropout)
     seconds, results = train_and_evaluate(config, {"val": val}, args.precision)
     metrics = results["val"]
-    print(json.dumps({"recipe": vars(args), "threads": torch.get_num_threads(), "train_seconds": round(seconds),
-                      "text_to_image": metrics["retrieval"]["text_to_image"],
-                      "zero_shot_acc@1": metrics["zero_shot"]["acc@1"]}))
+    print_result({"recipe": vars(args), "threads": torch.get_num_threads(), "train_seconds": round(seconds),
+                  "text_to_image": metrics["retrieval"]["text_to_image"],
+                  "zero_shot_acc@1": metrics["zero_shot"]["acc@1"]})
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ from PIL import Image, ImageEnhance
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from bench.cross_style import evaluation_list, summary  # noqa: E402
-from bench.recipe import train_and_evaluate  # noqa: E402
+from bench.recipe import print_result, train_and_evaluate  # noqa: E402
 from evaluation.brand import roc_auc  # noqa: E402
 from evaluation.filtering import model_embedder  # noqa: E402
 from pipeline.catalog import (CATALOG_FILE, build_fluent_catalog, build_openmoji_catalog, read_catalog,  # noqa: E402
@@ -411,11 +411,7 @@ def main() -> None:
                            ("filtered", filtered)):
             seconds, metrics = train_and_evaluate(recipe(data, args.steps, args.seed), {"val": val_list})
             result[name] = {"train_seconds": round(seconds), **summary(metrics["val"])}
-    line = json.dumps(result)
-    print(line)
-    if args.results:
-        with open(args.results, "a", encoding="utf-8") as file:
-            file.write(line + "\n")
+    print_result(result, args.results)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""What the recipe benchmarks share (`demo_recipe.py`, `cross_style.py`): train in this process, then evaluate.
+"""What the recipe benchmarks share (`demo_recipe.py`, `cross_style.py`, `noisy_filter.py`): train in this process,
+then evaluate; print each result as one JSON line.
 
 `train_and_evaluate` trains a tokenizer on the dataset's captions (a fine-tune keeps its parent's), runs `train_loop`
 (as each Ray Train worker of `clipforge train` does) and evaluates the final model on image sets by zero-shot over the
@@ -7,6 +8,7 @@ Unicode groups and retrieval, as the demo does.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
@@ -48,3 +50,12 @@ def train_and_evaluate(config: TrainConfig, evaluations: dict[str, str], precisi
         if keep_model is not None:
             shutil.copytree(out / "model", keep_model, dirs_exist_ok=True)
     return seconds, results
+
+
+def print_result(result: dict, results_file: str | None = None) -> None:
+    """Print the run's result as one JSON line, and append it to `results_file` when given (a JSON-lines log)."""
+    line = json.dumps(result)
+    print(line)
+    if results_file:
+        with open(results_file, "a", encoding="utf-8") as file:
+            file.write(line + "\n")

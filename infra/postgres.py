@@ -21,16 +21,14 @@ import glob
 import os
 import pwd
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infra.processes import ServerHandle, free_port, wait_until_stopped
+from infra.processes import ServerHandle, free_port, run_in_foreground
 
 HOST = "127.0.0.1"
 DEFAULT_USER = "prefect"
@@ -186,17 +184,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--password", default=os.environ.get("CLIPFORGE_POSTGRES_PASSWORD", DEFAULT_PASSWORD),
                         help="the login's password (default: $CLIPFORGE_POSTGRES_PASSWORD, else a development one)")
     args = parser.parse_args(argv)
-    stop_requested = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop_requested.set())
-    try:
-        server = start_postgres(args.dir, password=args.password, port=args.port)
-    except PostgresError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"# PostgreSQL on {HOST}:{server.port} (pid {server.pid}); log {server.workdir / LOG_NAME}")
-    print(f"export PREFECT_API_DATABASE_CONNECTION_URL='{server.url()}'", flush=True)
-    return wait_until_stopped(server, "PostgreSQL", stop_requested, lambda: _log_tail(server))
+    def ready(server: Postgres, seconds: float) -> str:
+        return (f"# PostgreSQL on {HOST}:{server.port} (pid {server.pid}, ready in {seconds:.1f} s); log "
+                f"{server.workdir / LOG_NAME}\nexport PREFECT_API_DATABASE_CONNECTION_URL='{server.url()}'")
+
+    return run_in_foreground("PostgreSQL", lambda: start_postgres(args.dir, password=args.password, port=args.port),
+                             PostgresError, ready, _log_tail)
 
 
 if __name__ == "__main__":

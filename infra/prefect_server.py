@@ -23,11 +23,9 @@ import argparse
 import atexit
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -35,7 +33,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infra.processes import ServerHandle, free_port, wait_until_stopped
+from infra.processes import ServerHandle, free_port, run_in_foreground
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 4200
@@ -219,7 +217,7 @@ def _wait_healthy(handle: PrefectServer, deadline: float) -> None:
     while time.monotonic() < deadline:
         if not handle.running():
             raise PrefectServerError(
-                f"Prefect server exited during startup (exit code {_exit_code(handle)}){_log_tail(handle)}"
+                f"Prefect server exited during startup (exit code {handle.exit_code()}){_log_tail(handle)}"
             )
         if handle.healthy():
             if handle.running():  # not another server that answered on the port while ours failed to bind
@@ -229,10 +227,6 @@ def _wait_healthy(handle: PrefectServer, deadline: float) -> None:
         f"Prefect server at {handle.api_url} was not healthy within the timeout "
         f"(raise `timeout`; 6-45 s is normal on a small machine){_log_tail(handle)}"
     )
-
-
-def _exit_code(handle: PrefectServer) -> int | None:
-    return handle.process.poll() if handle.process is not None else None
 
 
 def _log_tail(handle: PrefectServer, lines: int = 40) -> str:
@@ -271,22 +265,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "else none)")
     args = parser.parse_args(argv)
 
-    stop_requested = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop_requested.set())
-    started = time.monotonic()
-    try:
-        server = start_prefect_server(args.home, port=args.port or None, timeout=args.timeout,
-                                      database_url=args.database_url, auth_string=args.auth_string)
-    except PrefectServerError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"# Prefect server ready in {time.monotonic() - started:.1f} s (pid {server.pid}); log {server.log_path}")
-    print(f"# UI: {server.ui_url}")
-    print("# in another shell:")
-    print(server.exports(), flush=True)
-    return wait_until_stopped(server, "Prefect server", stop_requested,
-                              lambda: f" (code {_exit_code(server)}){_log_tail(server)}")
+    def ready(server: PrefectServer, seconds: float) -> str:
+        return (f"# Prefect server ready in {seconds:.1f} s (pid {server.pid}); log {server.log_path}\n"
+                f"# UI: {server.ui_url}\n# in another shell:\n{server.exports()}")
+
+    def start() -> PrefectServer:
+        return start_prefect_server(args.home, port=args.port or None, timeout=args.timeout,
+                                    database_url=args.database_url, auth_string=args.auth_string)
+
+    return run_in_foreground("Prefect server", start, PrefectServerError, ready, _log_tail)
 
 
 if __name__ == "__main__":

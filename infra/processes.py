@@ -110,14 +110,26 @@ def wait_exit(pid: int, process: subprocess.Popen[bytes] | None, timeout: float)
     return False
 
 
-def wait_until_stopped(server, name: str, stop_requested: threading.Event, describe_exit: Callable[[], str]) -> int:
-    """Block until Ctrl-C/SIGTERM sets `stop_requested` (exit status 0) or the server dies on its own (1, with
-    `describe_exit()` on stderr); stop the server either way. The foreground mode of `python -m infra.*`."""
+def run_in_foreground(name: str, start: Callable[[], ServerHandle], failure: type[Exception],
+                      ready: Callable[[ServerHandle, float], str], log_tail: Callable[[ServerHandle], str]) -> int:
+    """The foreground mode of `python -m infra.*`: start the server (a `failure` is one line on stderr, exit status
+    1), print `ready(server, seconds it took)`, then block until Ctrl-C/SIGTERM (exit status 0) or until the server
+    dies on its own (1, with its exit code and `log_tail(server)` on stderr); the server is stopped either way."""
+    stop_requested = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop_requested.set())
+    started = time.monotonic()
+    try:
+        server = start()
+    except failure as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(ready(server, time.monotonic() - started))
     print("# Ctrl-C to stop", flush=True)
     try:
         while not stop_requested.wait(1.0):
             if not server.running():
-                print(f"error: {name} exited{describe_exit()}", file=sys.stderr)
+                print(f"error: {name} exited (code {server.exit_code()}){log_tail(server)}", file=sys.stderr)
                 return 1
     finally:
         server.stop()
@@ -135,6 +147,10 @@ class ServerHandle:
         if self.process is not None:
             return self.process.poll() is None
         return pid_alive(self.pid)
+
+    def exit_code(self) -> int | None:
+        """The server's exit status once it has exited (None while it runs, or if this process did not start it)."""
+        return self.process.poll() if self.process is not None else None
 
     def stop(self, grace: float | None = None) -> None:
         """SIGTERM the server's process group, SIGKILL it after `grace` seconds. Safe to call twice."""

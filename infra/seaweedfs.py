@@ -19,16 +19,14 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infra.processes import ServerHandle, free_ports, wait_until_stopped
+from infra.processes import ServerHandle, free_ports, run_in_foreground
 
 DEFAULT_ACCESS_KEY = "clipforge-dev"
 DEFAULT_SECRET_KEY = "clipforge-dev-secret"
@@ -234,7 +232,7 @@ def _wait_ready(handle: SeaweedFS, deadline: float) -> None:
     last_error: BaseException | None = None
     while time.monotonic() < deadline:
         if not handle.running():
-            raise SeaweedFSError(f"SeaweedFS exited during startup (exit code {_exit_code(handle)}){_log_tail(handle)}")
+            raise SeaweedFSError(f"SeaweedFS exited during startup (exit code {handle.exit_code()}){_log_tail(handle)}")
         try:
             client.list_buckets()
             return
@@ -255,10 +253,6 @@ def _create_bucket(handle: SeaweedFS, bucket: str) -> None:
         pass
     except Exception as err:  # noqa: BLE001 - e.g. InvalidBucketName: S3 names are 3-63 lowercase letters, digits, -.
         raise SeaweedFSError(f"SeaweedFS refused to create bucket {bucket!r}: {err}") from None
-
-
-def _exit_code(handle: SeaweedFS) -> int | None:
-    return handle.process.poll() if handle.process is not None else None
 
 
 def _log_tail(handle: SeaweedFS, lines: int = 40) -> str:
@@ -309,28 +303,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    stop_requested = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop_requested.set())
-    started = time.monotonic()
-    try:
-        server = start_seaweedfs(
-            args.dir,
-            access_key=args.access_key,
-            secret_key=args.secret_key,
-            buckets=tuple(args.buckets or DEFAULT_BUCKETS),
-            timeout=args.timeout,
-            s3_port=args.port or None,
-        )
-    except SeaweedFSError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"# SeaweedFS S3 at {server.endpoint_url} (pid {server.pid}, ready in {time.monotonic() - started:.1f} s)")
-    print(f"# buckets: {', '.join(server.buckets)}; data and logs in {server.workdir}")
-    print("# in another shell:")
-    print(server.exports(), flush=True)
-    return wait_until_stopped(server, "SeaweedFS", stop_requested,
-                              lambda: f" (code {_exit_code(server)}){_log_tail(server)}")
+    def ready(server: SeaweedFS, seconds: float) -> str:
+        return (f"# SeaweedFS S3 at {server.endpoint_url} (pid {server.pid}, ready in {seconds:.1f} s)\n"
+                f"# buckets: {', '.join(server.buckets)}; data and logs in {server.workdir}\n"
+                f"# in another shell:\n{server.exports()}")
+
+    def start() -> SeaweedFS:
+        return start_seaweedfs(args.dir, access_key=args.access_key, secret_key=args.secret_key,
+                               buckets=tuple(args.buckets or DEFAULT_BUCKETS), timeout=args.timeout,
+                               s3_port=args.port or None)
+
+    return run_in_foreground("SeaweedFS", start, SeaweedFSError, ready, _log_tail)
 
 
 if __name__ == "__main__":
