@@ -93,32 +93,51 @@ def test_missing_binary_is_reported(monkeypatch, tmp_path) -> None:
         weed_binary()
 
 
-@pytest.mark.slow
-def test_command_line_prints_exports_and_stops_on_sigterm(tmp_path) -> None:
+def _foreground(tmp_path: Path) -> tuple[subprocess.Popen, str]:
+    """`python -m infra.seaweedfs` in the foreground, and what it printed up to its "Ctrl-C to stop" line."""
     process = subprocess.Popen(
         [sys.executable, "-m", "infra.seaweedfs", "--dir", str(tmp_path), "--port", "0", "--secret-key", "cli-secret"],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
+    lines = []
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if "Ctrl-C" in line:
+            break
+    output = "".join(lines)
+    assert "Ctrl-C" in output, process.stderr.read() if process.poll() is not None else output
+    return process, output
+
+
+@pytest.mark.slow
+def test_command_line_prints_exports_and_stops_on_sigterm(tmp_path) -> None:
+    process, output = _foreground(tmp_path)
     try:
-        lines = []
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            line = process.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if "Ctrl-C" in line:
-                break
-        output = "".join(lines)
-        failure = process.stderr.read() if process.poll() is not None else output
-        assert "export AWS_ENDPOINT_URL=http://127.0.0.1:" in output, failure
+        assert "export AWS_ENDPOINT_URL=http://127.0.0.1:" in output
         assert "export AWS_SECRET_ACCESS_KEY=cli-secret" in output
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
         assert "stopped" in process.stdout.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.slow
+def test_command_line_exits_with_the_reason_when_the_server_dies(tmp_path) -> None:
+    process, output = _foreground(tmp_path)
+    try:
+        server = int(output.split("(pid ")[1].split(",")[0])
+        os.kill(server, signal.SIGKILL)
+        assert process.wait(timeout=30) == 1
+        error = process.stderr.read()
+        assert error.startswith("error: SeaweedFS exited (code -9)"), error
+        assert "weed.out" in error  # the log tail follows
     finally:
         if process.poll() is None:
             process.kill()
