@@ -109,8 +109,21 @@ def _foreground(tmp_path: Path) -> tuple[subprocess.Popen, str]:
         if "Ctrl-C" in line:
             break
     output = "".join(lines)
-    assert "Ctrl-C" in output, process.stderr.read() if process.poll() is not None else output
+    if "Ctrl-C" not in output:
+        _stop(process)  # never leave a half-started server behind a failed test
+        pytest.fail(f"no 'Ctrl-C' line: {output}{process.stderr.read()}")
     return process, output
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM, which the foreground command turns into stopping its server; SIGKILL if it does not exit."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 @pytest.mark.slow
@@ -123,9 +136,7 @@ def test_command_line_prints_exports_and_stops_on_sigterm(tmp_path) -> None:
         assert process.wait(timeout=30) == 0
         assert "stopped" in process.stdout.read()
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        _stop(process)
 
 
 @pytest.mark.slow
@@ -139,6 +150,4 @@ def test_command_line_exits_with_the_reason_when_the_server_dies(tmp_path) -> No
         assert error.startswith("error: SeaweedFS exited (code -9)"), error
         assert "weed.out" in error  # the log tail follows
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        _stop(process)
