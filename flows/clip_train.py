@@ -27,8 +27,9 @@ from flows.brand_flow import brand_score_flow
 from flows.evaluate_flow import evaluate_flow, headline_metrics, metric_rows
 from flows.filter_flow import filter_train_set
 from flows.ingest_flow import ingest_flow
-from flows.params import (BrandSettings, ClipTrainRegistry, EvaluationSettings, FilterSettings, IngestParams,
-                          TrainSettings, demo_settings, retry_options, settings_dump, with_defaults)
+from flows.params import (BrandSettings, ClipTrainRegistry, EvaluationSettings, FilterSettings, FlowStorage,
+                          IngestParams, TrainSettings, demo_settings, resolve_storage, retry_options, settings_dump,
+                          with_defaults)
 from flows.train_flow import train_flow
 from pipeline.errors import UserError
 from pipeline.ingest import IngestConfig
@@ -130,15 +131,15 @@ def clip_train(
     evaluation: EvaluationSettings = EvaluationSettings(),  # type: ignore[valid-type]
     brand: BrandSettings = BrandSettings(),
     registry: ClipTrainRegistry = ClipTrainRegistry(),
-    storage: StorageConfig = StorageConfig(),
+    storage: FlowStorage = FlowStorage(),
 ) -> ModelVersion:
     """Ingest the train and val URL lists, filter the train set, train on Ray, evaluate on val, score brand alignment, register the model.
 
     With no URL lists, the main job on the embedded defaults (what `clipforge demo` runs): the bundled catalog(s)
     (`ingest.catalog`) served over loopback, with the demo's settings for every field not given. Every step reaches
     object storage (any `s3://` location) through `storage`; fields left empty come from the AWS variables and
-    profiles of the process that runs the step."""
-    logger, phases = get_run_logger(), PhaseTimes()
+    profiles of the process that runs the step, keys from `storage.credentials_block` when named."""
+    logger, phases, storage = get_run_logger(), PhaseTimes(), resolve_storage(storage)
     use_catalog = ingest.train_urls is None
     if use_catalog != (ingest.val_urls is None):
         raise UserError("give both ingest.train_urls and ingest.val_urls, or neither (the bundled catalog)")

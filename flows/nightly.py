@@ -41,8 +41,8 @@ from flows.clip_train import filter_line, location_link, metrics_markdown, promo
 from flows.evaluate_flow import evaluate_flow, headline_metrics, metric_rows, metric_value
 from flows.filter_flow import filter_train_set
 from flows.ingest_flow import ingest_flow
-from flows.params import (EvaluationSettings, FilterSettings, FinetuneSettings, IngestSettings, RegistrySettings,
-                          retry_options, settings_dump)
+from flows.params import (EvaluationSettings, FilterSettings, FinetuneSettings, FlowStorage, IngestSettings,
+                          RegistrySettings, resolve_storage, retry_options, settings_dump)
 from flows.train_flow import train_flow
 from pipeline.config import Config
 from pipeline.errors import UserError
@@ -237,11 +237,12 @@ def nightly_finetune(
     filtering: FilterSettings = FilterSettings(),  # type: ignore[valid-type]
     evaluation: EvaluationSettings = EvaluationSettings(),  # type: ignore[valid-type]
     registry: RegistrySettings = RegistrySettings(),
-    storage: StorageConfig = StorageConfig(),
+    storage: FlowStorage = FlowStorage(),
 ) -> Any:
     """Fine-tune the promoted model on newly arrived URL lists; promote the result unless the metric falls. Every
-    step reaches object storage through `storage` (empty fields: the AWS variables and profiles of its process)."""
-    logger = get_run_logger()
+    step reaches object storage through `storage` (empty fields: the AWS variables and profiles of its process; keys
+    from `storage.credentials_block` when named)."""
+    logger, storage = get_run_logger(), resolve_storage(storage)
     state_location = nightly.state or join(registry.location, registry.model_name, "nightly-state.json")
     state = read_state_task(state_location, storage)
     new = find_new_lists(nightly.incoming, state, storage)

@@ -179,6 +179,39 @@ class ClipTrainRegistry(RegistrySettings):
     """Promote the new version: `first` only when no version is promoted yet, `always`, or `never`."""
 
 
+class FlowStorage(storage.StorageConfig):
+    """How the run's steps reach object storage. Every field left empty falls back to the standard AWS variables and
+    profiles of the process that runs the step. Keys written here are kept by Prefect with the run's parameters:
+    prefer the worker's environment, or a Prefect Secret block named in `credentials_block`."""
+
+    credentials_block: str | None = None
+    """Name of a Prefect Secret block holding `{"access_key_id": ..., "secret_access_key": ...}` (and optionally
+    `"session_token"`), read when the run starts; keys given above take precedence."""
+
+
+CREDENTIAL_FIELDS = ("access_key_id", "secret_access_key", "session_token")
+
+
+def resolve_storage(config: FlowStorage) -> storage.StorageConfig:
+    """The storage settings every step gets: `config` with the keys of its `credentials_block` filled in."""
+    settings = config.model_dump(exclude={"credentials_block"})
+    if config.credentials_block:
+        from prefect.blocks.system import Secret
+
+        name = config.credentials_block
+        try:
+            keys = Secret.load(name).get()
+        except ValueError as err:
+            raise UserError(f"storage: cannot load the Prefect Secret block {name!r} ({err}); create it in the UI "
+                            f"(Blocks, Secret) or with Secret(value={{...}}).save({name!r})") from None
+        required = {"access_key_id", "secret_access_key"}
+        if not (isinstance(keys, dict) and required <= set(keys) <= set(CREDENTIAL_FIELDS)):
+            raise UserError(f"storage: the Secret block {name!r} must hold a JSON object with access_key_id and "
+                            f"secret_access_key (and optionally session_token)")
+        settings.update({k: v for k, v in keys.items() if settings[k] is None})
+    return storage.StorageConfig.model_validate(settings)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Retries: transient failures (object storage, HTTP, a lost Ray worker) are retried with backoff; a user error
 # (bad config, missing file, failed quality floor) fails once, with its one-line message, and is logged in one line.

@@ -24,12 +24,13 @@ from pydantic import ValidationError
 from flows.evaluate_flow import headline_metrics, metric_value
 from flows.nightly import (NightlyParams, NightlyState, batch_name, combine_url_lists, list_url_lists,
                            promotion_decision, read_state, write_state)
-from flows.params import (EvaluationSettings, FinetuneSettings, IngestParams, IngestSettings, TrainSettings,
-                          demo_settings, retry_unless_user_error)
+from flows.params import (EvaluationSettings, FinetuneSettings, FlowStorage, IngestParams, IngestSettings,
+                          TrainSettings, demo_settings, resolve_storage, retry_unless_user_error)
 from pipeline.errors import UserError
 from pipeline.ingest import json_safe
 from pipeline.manifest import read_manifest
 from pipeline.registry import get_version, list_versions, promote, promoted, promotion, register_model
+from pipeline.storage import StorageConfig
 
 # --- parameter models -----------------------------------------------------------------------------------------------
 
@@ -78,19 +79,20 @@ def test_flow_parameter_schema_describes_every_field() -> None:
     assert not schema.get("required")  # no parameters: the main job on the embedded defaults
     definitions = schema["definitions"]
     for model in ("IngestParams", "TrainSettings", "FilterSettings", "EvaluationSettings", "BrandSettings",
-                  "ClipTrainRegistry", "StorageConfig"):
+                  "ClipTrainRegistry", "FlowStorage"):
         properties = definitions[model]["properties"]
         missing = [name for name, field in properties.items() if not field.get("description")]
         assert not missing, f"{model} fields without description: {missing}"
         assert definitions[model]["additionalProperties"] is False
         # storage is one flow parameter that every step uses, not a setting of each step
-        assert model == "StorageConfig" or "storage" not in properties, model
-    secret = definitions["StorageConfig"]["properties"]["secret_access_key"]["anyOf"][0]
+        assert model == "FlowStorage" or "storage" not in properties, model
+    assert "credentials_block" in definitions["FlowStorage"]["properties"]
+    secret = definitions["FlowStorage"]["properties"]["secret_access_key"]["anyOf"][0]
     assert secret["format"] == "password" and secret["writeOnly"]  # the run form masks it
     nightly = parameter_schema(nightly_finetune).model_dump()
     assert not nightly.get("required")  # a scheduled run needs no parameters
     assert "storage" in nightly["properties"]
-    assert not [m for m, d in nightly["definitions"].items() if m != "StorageConfig" and "storage" in d["properties"]]
+    assert not [m for m, d in nightly["definitions"].items() if m != "FlowStorage" and "storage" in d["properties"]]
 
 
 def test_retries_skip_user_errors() -> None:
@@ -343,6 +345,27 @@ def test_transient_failures_are_retried_and_user_errors_are_not(nightly_env: dic
     user_lines = [text for text in logged if "URL list x.parquet does not exist" in text]
     assert len(user_lines) >= 2 and all("\n" not in text for text in user_lines), user_lines
     assert bug.is_failed() and any("KeyError" in text and "Traceback" in text for text in logged)
+
+
+@pytest.mark.slow
+def test_storage_keys_come_from_a_prefect_secret_block(nightly_env: dict) -> None:
+    from prefect.blocks.system import Secret
+
+    keys = {"access_key_id": "block-key", "secret_access_key": "block-secret"}
+    Secret(value=keys).save("test-s3-keys", overwrite=True)
+    resolved = resolve_storage(FlowStorage(region="eu-west-1", credentials_block="test-s3-keys"))
+    assert type(resolved) is StorageConfig and resolved.region == "eu-west-1"  # what every step takes
+    assert resolved.access_key_id.get_secret_value() == "block-key"
+    assert resolved.secret_access_key.get_secret_value() == "block-secret"
+    given = resolve_storage(FlowStorage(access_key_id="given", credentials_block="test-s3-keys"))
+    assert given.access_key_id.get_secret_value() == "given"  # a key written in the parameter comes first
+    assert resolve_storage(FlowStorage(region="eu-west-1")) == StorageConfig(region="eu-west-1")
+
+    Secret(value="block-key:block-secret").save("test-s3-text", overwrite=True)
+    with pytest.raises(UserError, match="must hold a JSON object with access_key_id and secret_access_key"):
+        resolve_storage(FlowStorage(credentials_block="test-s3-text"))
+    with pytest.raises(UserError, match="cannot load the Prefect Secret block 'absent'"):
+        resolve_storage(FlowStorage(credentials_block="absent"))
 
 
 @pytest.mark.slow

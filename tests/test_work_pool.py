@@ -1,10 +1,10 @@
 """The deployments of `prefect.yaml` on a process work pool, as production runs them: `prefect work-pool create`,
 `prefect deploy --all`, `prefect worker start`, then `prefect deployment run clip-train/clip-train` to Completed
-through the worker (not through `serve`), its data, run and registry on object storage (SeaweedFS: its endpoint in the
-flow's one `storage` parameter, the keys in the worker's environment). Commands run as a user types them, against the
-multi-user form of the Prefect server: its database on PostgreSQL (infra/postgres.py) and API authentication on,
-which refuses a client without the auth string. (The SQLite form runs the same flow through `serve` on local folders
-in tests/test_deployments.py.)
+through the worker (not through `serve`), its data, run and registry on object storage (SeaweedFS: its endpoint in
+the flow's one `storage` parameter, the keys in a Prefect Secret block it names). Commands run as a user types them,
+against the multi-user form of the Prefect server: its database on PostgreSQL (infra/postgres.py) and API
+authentication on, which refuses a client without the auth string. (The SQLite form runs the same flow through
+`serve` on local folders in tests/test_deployments.py.)
 """
 
 from __future__ import annotations
@@ -59,10 +59,19 @@ def stop_worker(worker: subprocess.Popen) -> None:
     _stop_group(worker)
 
 
+def _api_settings(api_env: dict[str, str]):
+    """This process's Prefect settings pointed at the test's server, for a block saved from the test."""
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    return temporary_settings(updates={PREFECT_API_URL: api_env["PREFECT_API_URL"],
+                                       PREFECT_API_AUTH_STRING: api_env.get("PREFECT_API_AUTH_STRING")})
+
+
 def deploy_and_run_through_a_worker(api_env: dict[str, str], root: Path, location: str) -> None:
     """The whole work-pool path against the server `api_env` points at: pool, deploy, worker, a run to Completed that
-    writes everything under `location` (an S3 prefix) and nothing in `root`. The worker's environment has the keys
-    but not the endpoint: each step must reach it through the run's `storage` parameter alone."""
+    writes everything under `location` (an S3 prefix) and nothing in `root`. The worker's environment has neither the
+    endpoint nor the keys: each step must reach storage through the run's `storage` parameter alone, which names the
+    endpoint and a Prefect Secret block holding the keys."""
     from pipeline import storage
     from pipeline.catalog import build_openmoji_catalog, serve_directory, write_url_list
     from pipeline.manifest import read_manifest
@@ -80,7 +89,12 @@ def deploy_and_run_through_a_worker(api_env: dict[str, str], root: Path, locatio
         lists = {split: write_url_list(catalog, base_url, split, root / f"{split}.parquet")
                  for split in ("train", "val")}
         endpoint = {name: env[name] for name in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")}
-        worker_env = {k: v for k, v in env.items() if k not in endpoint}
+        keys = {"access_key_id": env["AWS_ACCESS_KEY_ID"], "secret_access_key": env["AWS_SECRET_ACCESS_KEY"]}
+        with _api_settings(api_env):
+            from prefect.blocks.system import Secret
+
+            Secret(value=keys).save("pool-s3-keys")
+        worker_env = {k: v for k, v in env.items() if k not in {*endpoint, *storage.CREDENTIAL_VARIABLES}}
         worker = subprocess.Popen([str(Path(sys.executable).with_name("prefect")), "worker", "start", "--pool", POOL,
                                    "--limit", "1"], env=worker_env, cwd=root, stdout=log, stderr=subprocess.STDOUT,
                                   stdin=subprocess.DEVNULL, start_new_session=True)
@@ -93,7 +107,8 @@ def deploy_and_run_through_a_worker(api_env: dict[str, str], root: Path, locatio
                           "log_every": 2, "loader_workers": 1, "num_workers": 1, "output": storage.join(location, "run")},
                 "evaluation": {"label_field": "group", "templates": "emoji", "batch_size": 64},
                 "registry": {"location": storage.join(location, "registry"), "model_name": "pool"},
-                "storage": {"endpoint_url": endpoint["AWS_ENDPOINT_URL"], "region": endpoint["AWS_DEFAULT_REGION"]},
+                "storage": {"endpoint_url": endpoint["AWS_ENDPOINT_URL"], "region": endpoint["AWS_DEFAULT_REGION"],
+                            "credentials_block": "pool-s3-keys"},
             }
             run = prefect("deployment", "run", "clip-train/clip-train", "--params", json.dumps(parameters), env=env)
             assert run.returncode == 0, run.stdout + run.stderr
