@@ -186,29 +186,32 @@ class FlowStorage(storage.StorageConfig):
 
     credentials_block: str | None = None
     """Name of a Prefect Secret block holding `{"access_key_id": ..., "secret_access_key": ...}` (and optionally
-    `"session_token"`), read when the run starts; keys given above take precedence."""
+    `"session_token"`), read when the run starts, instead of keys written above."""
 
 
 CREDENTIAL_FIELDS = ("access_key_id", "secret_access_key", "session_token")
 
 
 def resolve_storage(config: FlowStorage) -> storage.StorageConfig:
-    """The storage settings every step gets: `config` with the keys of its `credentials_block` filled in."""
+    """The storage settings every step gets: `config`, with the keys of its `credentials_block` when it names one."""
     settings = config.model_dump(exclude={"credentials_block"})
-    if config.credentials_block:
+    name = config.credentials_block
+    if name:
+        if any(settings[field] is not None for field in CREDENTIAL_FIELDS):
+            raise UserError("storage: give the keys either in the parameter or in credentials_block, not both")
         from prefect.blocks.system import Secret
 
-        name = config.credentials_block
         try:
             keys = Secret.load(name).get()
         except ValueError as err:
             raise UserError(f"storage: cannot load the Prefect Secret block {name!r} ({err}); create it in the UI "
                             f"(Blocks, Secret) or with Secret(value={{...}}).save({name!r})") from None
-        required = {"access_key_id", "secret_access_key"}
-        if not (isinstance(keys, dict) and required <= set(keys) <= set(CREDENTIAL_FIELDS)):
-            raise UserError(f"storage: the Secret block {name!r} must hold a JSON object with access_key_id and "
-                            f"secret_access_key (and optionally session_token)")
-        settings.update({k: v for k, v in keys.items() if settings[k] is None})
+        # the message names no value: a Prefect run log keeps it
+        if not (isinstance(keys, dict) and {"access_key_id", "secret_access_key"} <= set(keys) <= set(CREDENTIAL_FIELDS)
+                and all(isinstance(value, str) and value for value in keys.values())):
+            raise UserError(f"storage: the Secret block {name!r} must hold a JSON object of non-empty strings: "
+                            f"access_key_id, secret_access_key and optionally session_token")
+        settings.update(keys)
     return storage.StorageConfig.model_validate(settings)
 
 

@@ -357,13 +357,16 @@ def test_storage_keys_come_from_a_prefect_secret_block(nightly_env: dict) -> Non
     assert type(resolved) is StorageConfig and resolved.region == "eu-west-1"  # what every step takes
     assert resolved.access_key_id.get_secret_value() == "block-key"
     assert resolved.secret_access_key.get_secret_value() == "block-secret"
-    given = resolve_storage(FlowStorage(access_key_id="given", credentials_block="test-s3-keys"))
-    assert given.access_key_id.get_secret_value() == "given"  # a key written in the parameter comes first
     assert resolve_storage(FlowStorage(region="eu-west-1")) == StorageConfig(region="eu-west-1")
+    with pytest.raises(UserError, match="either in the parameter or in credentials_block, not both"):
+        resolve_storage(FlowStorage(access_key_id="given", credentials_block="test-s3-keys"))  # never a mixed pair
 
     Secret(value="block-key:block-secret").save("test-s3-text", overwrite=True)
-    with pytest.raises(UserError, match="must hold a JSON object with access_key_id and secret_access_key"):
-        resolve_storage(FlowStorage(credentials_block="test-s3-text"))
+    Secret(value={**keys, "secret_access_key": 123456789}).save("test-s3-number", overwrite=True)
+    for name in ("test-s3-text", "test-s3-number"):
+        with pytest.raises(UserError, match="must hold a JSON object of non-empty strings") as error:
+            resolve_storage(FlowStorage(credentials_block=name))
+        assert "block-key" not in str(error.value) and "123456789" not in str(error.value)
     with pytest.raises(UserError, match="cannot load the Prefect Secret block 'absent'"):
         resolve_storage(FlowStorage(credentials_block="absent"))
 
