@@ -59,14 +59,6 @@ def stop_worker(worker: subprocess.Popen) -> None:
     _stop_group(worker)
 
 
-def _api_settings(api_env: dict[str, str]):
-    """This process's Prefect settings pointed at the test's server, for a block saved from the test."""
-    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
-
-    return temporary_settings(updates={PREFECT_API_URL: api_env["PREFECT_API_URL"],
-                                       PREFECT_API_AUTH_STRING: api_env.get("PREFECT_API_AUTH_STRING")})
-
-
 def deploy_and_run_through_a_worker(api_env: dict[str, str], root: Path, location: str) -> None:
     """The whole work-pool path against the server `api_env` points at: pool, deploy, worker, a run to Completed that
     writes everything under `location` (an S3 prefix) and nothing in `root`. The worker's environment has neither the
@@ -90,7 +82,7 @@ def deploy_and_run_through_a_worker(api_env: dict[str, str], root: Path, locatio
                  for split in ("train", "val")}
         endpoint = {name: env[name] for name in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")}
         keys = {"access_key_id": env["AWS_ACCESS_KEY_ID"], "secret_access_key": env["AWS_SECRET_ACCESS_KEY"]}
-        with _api_settings(api_env):
+        with _client(api_env["PREFECT_API_URL"], api_env.get("PREFECT_API_AUTH_STRING")):  # settings for the save
             from prefect.blocks.system import Secret
 
             Secret(value=keys).save("pool-s3-keys")
